@@ -26,18 +26,27 @@ def tiny():
     return local_backend("tiny:llama-bpe")
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "serve"])
 def backends(request):
     """The conformance seam: `backends(role=source, ...)` -> {role: ModelBackend}.
 
-    Strategy tests take this fixture, so each runs against every backend kind listed in
-    `params` (in-process now; the Ray Serve handle backend joins with the Serving issue).
+    Every strategy test takes this fixture, so it runs twice: over in-process backends and over
+    Ray Serve deployment handles (the models of deploy/tiny.yaml, other sources deployed on demand).
     """
+    if request.param == "local":
+        return lambda **roles: {role: local_backend(source) for role, source in roles.items()}
+    serve_app = request.getfixturevalue("serve_app")
+    return lambda **roles: {role: serve_app.backend(source) for role, source in roles.items()}
 
-    def make(**roles: str):
-        return {role: local_backend(source) for role, source in roles.items()}
 
-    return make
+@pytest.fixture(scope="session")
+def serve_app():
+    """One Ray instance and Serve app (deploy/tiny.yaml, with an API key) for the whole session."""
+    from serve_harness import ServeHarness
+
+    harness = ServeHarness.start()
+    yield harness
+    harness.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ class Pipeline:
     def __init__(self, strategy: Strategy | str, models: dict[str, ModelBackend], params: dict | None = None):
         if isinstance(strategy, str):
             strategy = get_strategy(strategy)(params)
-        type(strategy).check_models(list(models) if type(strategy).roles is None else dict.fromkeys(models, ""))
+        type(strategy).check_models(list(models) if type(strategy).roles is None else dict(zip(models, models)))
         self.strategy = strategy
         self.models = models
 

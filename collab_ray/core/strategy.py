@@ -77,6 +77,8 @@ class Strategy:
                 raise ConfigError(f"{where}: strategy {cls.name!r} has no role {unknown[0]!r} (roles: {list(cls.roles)})")
             if missing:
                 raise ConfigError(f"{where}: strategy {cls.name!r} needs role {missing[0]!r}")
+        elif isinstance(names, dict):
+            raise ConfigError(f"{where}: strategy {cls.name!r} takes a list of models, got roles {names!r}")
         elif len(names) < cls.min_models:
             raise ConfigError(f"{where}: strategy {cls.name!r} needs at least {cls.min_models} models, got {len(names)}")
         elif cls.max_models is not None and len(names) > cls.max_models:

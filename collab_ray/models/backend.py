@@ -45,6 +45,7 @@ class TransformersBackend:
         self.model, self.tokenizer, self.device = load(config)
         self.sessions = SessionStore(config.max_sessions, config.session_ttl_s)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{config.display_name}")
+        self._closed = False
         self._info = self._make_info()
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -323,7 +324,12 @@ class TransformersBackend:
         """The tokens a session holds (for inspection and replay)."""
         return await self._run(lambda: list(self.sessions.get(session_id).tokens))
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def shutdown(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

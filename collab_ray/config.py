@@ -1,0 +1,157 @@
+"""The collaboration YAML: models (each a deployment) and pipelines (a strategy over models).
+
+    models:
+      draft:  {source: tiny:llama-bpe-small, num_cpus: 0}
+      target: {source: smollm2-135m-instruct, num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
+    pipelines:
+      spec: {strategy: speculative, models: {draft: draft, target: target}, params: {k: 4}}
+    server: {port: 8000, api_key_env: COLLAB_API_KEY}
+
+Every model is also a pipeline of strategy `single` under its own name. Errors name the YAML path
+and the bad value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from collab_ray.core.errors import ConfigError
+from collab_ray.core.strategy import get_strategy
+from collab_ray.models.config import ModelConfig
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling of one deployment (defaults suit LLM replicas: slow to start, costly to idle)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before adding a replica.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before removing a replica.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class ModelDeployment(ModelConfig):
+    """A model and the Ray Serve deployment that hosts it."""
+
+    replicas: int = Field(1, ge=1, description="Fixed number of replicas (ignored when `autoscaling` is set).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica; with device `cuda` a model spans all of them.")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (0 lets several share a small machine).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the replica must run on, e.g. H100.")
+    autoscaling: Autoscaling | None = Field(None, description="Autoscale replicas on ongoing requests.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Concurrent calls per replica; sized for many decode sessions (each call is short)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long generate/loglikelihood calls wait to be batched with others."
+    )
+
+
+class PipelineConfig(BaseModel):
+    """A strategy over models: `models` is a list, or a mapping of the strategy's roles to model names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field(description="Registered strategy name (single, speculative, fuse, vote, …).")
+    models: list[str] | dict[str, str] = Field(description="Model names, or {role: model name}.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The strategy's own parameters.")
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP host; 0.0.0.0 to serve beyond this machine.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key; when set, requests need `Authorization: Bearer`."
+    )
+    call_timeout_s: float = Field(120.0, gt=0, description="Timeout of every call from the coordinator to a model.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one whole pipeline request.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
+    replicas: int = Field(1, ge=1, description="Replicas of the coordinator/ingress deployment.")
+    num_cpus: float = Field(0, ge=0, description="CPUs reserved per coordinator replica (it mostly waits on models).")
+
+
+class CollabConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelDeployment] = Field(description="Models by name; each becomes a Serve deployment.")
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict, description="Pipelines by name.")
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP API settings.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.models:
+            raise ValueError("at least one model is needed")
+        for name, pipe in self.pipelines.items():
+            where = f"pipelines.{name}"
+            if name in self.models:
+                raise ConfigError(f"{where}: name {name!r} is already a model (each model is a pipeline of its own)")
+            try:
+                cls = get_strategy(pipe.strategy)
+            except ConfigError as e:
+                raise ConfigError(f"{where}.strategy: {e}") from None
+            cls.check_models(pipe.models, where=f"{where}.models")
+            names = pipe.models.values() if isinstance(pipe.models, dict) else pipe.models
+            for model in names:
+                if model not in self.models:
+                    raise ConfigError(f"{where}.models: model {model!r} is not defined under models")
+            try:
+                cls.Params.model_validate(pipe.params)
+            except ValidationError as e:
+                raise ConfigError(f"{where}.params: {_describe(e)}") from None
+        return self
+
+    def all_pipelines(self) -> dict[str, PipelineConfig]:
+        """The configured pipelines plus a `single` pipeline per model."""
+        singles = {name: PipelineConfig(strategy="single", models=[name]) for name in self.models}
+        return {**singles, **self.pipelines}
+
+    def roles(self, pipeline: str) -> dict[str, str]:
+        """{role or model name: model name} of a pipeline."""
+        models = self.all_pipelines()[pipeline].models
+        return dict(models) if isinstance(models, dict) else {m: m for m in models}
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{loc}: {msg}{value}" if loc else f"{msg}{value}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "config") -> CollabConfig:
+    """Validate a config mapping; errors name `source`, the path inside it and the bad value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with models/pipelines/server, got {type(data).__name__}")
+    try:
+        return CollabConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path) -> CollabConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return parse_config(data, str(path))
