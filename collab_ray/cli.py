@@ -36,7 +36,14 @@ def _models_pull(args) -> int:
 def _demo(args) -> int:
     from collab_ray import demo
 
-    demo.main(args.models or None, max_tokens=args.max_tokens)
+    demo.main(args.config, max_tokens=args.max_tokens)
+    return 0
+
+
+def _serve(args) -> int:
+    from collab_ray.serving.app import serve_forever
+
+    serve_forever(args.config, port=args.port, host=args.host)
     return 0
 
 
@@ -52,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--all", action="store_true", help="every packaged model")
     pull.set_defaults(func=_models_pull)
 
-    demo = sub.add_parser("demo", help="run the packaged real models on a few prompts and print a table")
-    demo.add_argument("--models", nargs="*", help="packaged model names (default: all)")
+    demo = sub.add_parser("demo", help="serve the real packaged models and send every pipeline a few prompts")
+    demo.add_argument("--config", default=None, help="collaboration YAML (default: the packaged deploy/demo.yaml)")
     demo.add_argument("--max-tokens", type=int, default=40, help="tokens per answer")
     demo.set_defaults(func=_demo)
+
+    serve_cmd = sub.add_parser("serve", help="serve a collaboration config behind the OpenAI-compatible API")
+    serve_cmd.add_argument("config", help="collaboration YAML (models, pipelines, server)")
+    serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: server.port of the config)")
+    serve_cmd.add_argument("--host", default=None, help="HTTP host (default: server.host of the config)")
+    serve_cmd.set_defaults(func=_serve)
     return parser
 
 

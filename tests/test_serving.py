@@ -65,6 +65,11 @@ def test_n_seeded_completions_are_reproducible(client):
     assert a.usage.completion_tokens <= 36
 
 
+def test_ignore_eos_generates_max_tokens(client):
+    r = client.completions.create(model="target", prompt="The end.", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
 def test_logprobs_are_returned(client):
     r = client.completions.create(model="target", prompt="The river", max_tokens=5, temperature=0, logprobs=1)
     lp = r.choices[0].logprobs

@@ -93,16 +93,20 @@ def app_builder(args: dict):
     return build_app(args["config"])
 
 
-def start(config: CollabConfig, port: int | None = None, host: str | None = None) -> str:
-    """Connect to (or start) Ray, start Serve's HTTP proxy and run the app; returns the base URL."""
+def start(config: CollabConfig, port: int | None = None, host: str | None = None, quiet: bool = False) -> str:
+    """Connect to (or start) Ray, start Serve's HTTP proxy and run the app; returns the base URL.
+
+    `quiet` keeps the replicas' logs out of this process's output.
+    """
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(log_to_driver=not quiet)
         else:  # a local Ray sized in logical CPUs so every replica fits on a small machine
             need = sum(m.num_cpus * (m.autoscaling.max_replicas if m.autoscaling else m.replicas) for m in config.models.values())
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + config.server.num_cpus * config.server.replicas) + 1))
+            cpus = max(os.cpu_count() or 1, int(need + config.server.num_cpus * config.server.replicas) + 1)
+            ray.init(num_cpus=cpus, log_to_driver=not quiet)
     host = host or config.server.host
     port = port or config.server.port
     serve.start(http_options={"host": host, "port": port})

@@ -41,6 +41,7 @@ class _Params(BaseModel):
     stream: bool = Field(False, description="Stream server-sent events.")
     stop: str | list[str] | None = Field(None, description="Stop strings.")
     seed: int | None = Field(None, ge=0, description="Seed for reproducible sampling.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM extension).")
 
     def sampling(self, default_max: int, limit: int, logprobs: int | None) -> SamplingParams:
         max_tokens = self.max_tokens or self.max_completion_tokens or default_max
@@ -48,7 +49,7 @@ class _Params(BaseModel):
             raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of {limit}")
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=self.stop, seed=self.seed, logprobs=logprobs,
+            stop=self.stop, seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
         )  # fmt: skip
 
 
