@@ -10,7 +10,7 @@ from collab_ray.core import SamplingParams
 from collab_ray.core.pipeline import Pipeline
 from collab_ray.core.strategy import Request
 from collab_ray.cooperate.compress import compress_text, select_tokens
-from collab_ray.cooperate.session import token_surprisal
+from collab_ray.core.session import token_surprisal
 from collab_ray.models.tiny import corpus
 from conftest import local_backend, run
 

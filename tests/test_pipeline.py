@@ -19,6 +19,23 @@ def test_single_equals_backend_generate(backends):
     assert stats["calls"] == 1 and stats["completion_tokens"] == 12 and stats["latency_s"] > 0
 
 
+def test_single_streaming_equals_non_streaming(backends):
+    models = backends(m="tiny:llama-bpe")
+    deltas = []
+
+    async def emit(text):
+        deltas.append(text)
+
+    for params in (SamplingParams(temperature=0, max_tokens=15), SamplingParams(temperature=0, max_tokens=30, stop=["the"])):
+        deltas.clear()
+        request = Request(prompt="The river", params=params)
+        streamed = run(Pipeline("single", models).run(request, emit))
+        plain = run(Pipeline("single", models).run(request))
+        assert streamed.text == plain.text == "".join(deltas) and streamed.finish_reason == plain.finish_reason
+        # the streamed ids may run past a stop string to the end of their decoding chunk
+        assert streamed.token_ids[: len(plain.token_ids)] == plain.token_ids
+
+
 def test_single_chat_uses_the_chat_template(backends):
     models = backends(m="tiny:llama-bpe")
     msgs = [{"role": "user", "content": "hi"}]

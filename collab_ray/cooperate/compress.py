@@ -17,9 +17,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.backend import ModelBackend
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
-from collab_ray.cooperate.decoding import answer, user_text, with_user_text
-from collab_ray.cooperate.session import token_surprisal
+from collab_ray.core.decoding import answer, user_text, with_user_text
+from collab_ray.core.session import token_surprisal
+from collab_ray.core.strategy import (
+    Emit,
+    Request,
+    Strategy,
+    StrategyResult,
+    register,
+    render_prompt,
+)
 
 
 def select_tokens(surprisal: np.ndarray, segments: list[tuple[int, int, bool]], keep: int) -> np.ndarray:

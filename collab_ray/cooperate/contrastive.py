@@ -9,9 +9,9 @@ import math
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.cooperate.lockstep import run_lockstep
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.cooperate.decoding import run_lockstep
 
 
 def contrastive_scores(expert: torch.Tensor, amateur: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

@@ -16,9 +16,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.backend import ModelBackend
+from collab_ray.core.decoding import answer, user_text, with_user_text
 from collab_ray.core.errors import ConfigError
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
-from collab_ray.cooperate.decoding import answer, user_text, with_user_text
+from collab_ray.core.strategy import (
+    Emit,
+    Request,
+    Strategy,
+    StrategyResult,
+    register,
+    render_prompt,
+)
 
 
 def token_f1(a: str, b: str) -> float:

@@ -16,8 +16,15 @@ import re
 from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.backend import ModelBackend
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
-from collab_ray.cooperate.decoding import answer
+from collab_ray.core.decoding import answer
+from collab_ray.core.strategy import (
+    Emit,
+    Request,
+    Strategy,
+    StrategyResult,
+    register,
+    render_prompt,
+)
 
 PATTERNS = {  # kind -> regex, matched in this order; earlier kinds win overlaps
     "EMAIL": r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",

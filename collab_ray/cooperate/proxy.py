@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.cooperate.lockstep import run_lockstep
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.cooperate.decoding import run_lockstep
 
 
 def proxy_scores(base: torch.Tensor, expert: torch.Tensor, antiexpert: torch.Tensor, alpha: float) -> torch.Tensor:

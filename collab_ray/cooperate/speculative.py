@@ -26,10 +26,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collab_ray.core.backend import ModelBackend
+from collab_ray.core.decoding import (
+    check_shared_vocabulary,
+    open_sessions,
+    output_for,
+    prompt_ids,
+    shares_vocabulary,
+)
 from collab_ray.core.sampling import SamplingParams, make_generator, process_logits
+from collab_ray.core.session import Session
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.cooperate.decoding import check_shared_vocabulary, open_sessions, output_for, prompt_ids, shares_vocabulary
-from collab_ray.cooperate.session import Session
 
 
 def greedy_accept(target_logprobs: torch.Tensor, tokens: Sequence[int]) -> tuple[int, int]:

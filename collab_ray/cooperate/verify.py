@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.cooperate.lockstep import run_lockstep
 from collab_ray.core.backend import ModelBackend
+from collab_ray.core.decoding import check_shared_vocabulary
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.cooperate.decoding import check_shared_vocabulary, run_lockstep
 
 
 def verifier_scores(llm: torch.Tensor, candidates: torch.Tensor, verifier: torch.Tensor, lam: float) -> torch.Tensor:
