@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: server.port of the config)")
     serve_cmd.add_argument("--host", default=None, help="HTTP host (default: server.host of the config)")
     serve_cmd.set_defaults(func=_serve)
+
+    from collab_ray.merge.cli import register as register_merge
+
+    register_merge(sub)
     return parser
 
 

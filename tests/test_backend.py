@@ -10,7 +10,7 @@ import torch
 
 from collab_ray.core import SamplingParams, SessionNotFound, TopK
 from collab_ray.models.backend import TransformersBackend
-from conftest import run
+from conftest import local_backend, run
 
 PROMPTS = ["The river", "A small boat drifts near the shore while", "Two plus two is four. Three plus five"]
 
@@ -316,3 +316,19 @@ def test_dequantized_cache_holds_the_gguf_tensors(smollm2):
     cached = smollm2.model.state_dict()
     for name, tensor in direct.state_dict().items():
         assert torch.equal(tensor, cached[name]), name
+
+
+def test_keep_layers_makes_an_early_exit_model():
+    early = TransformersBackend("tiny:llama-bpe", keep_layers=1)
+    try:
+        assert len(early.model.model.layers) == 1 and early.model.config.num_hidden_layers == 1
+        check_session_greedy_equals_generate(early, PROMPTS[0], 12)
+        # same vocabulary and embeddings as the full model, different predictions
+        full = local_backend("tiny:llama-bpe")
+        assert run(early.token_strings()) == run(full.token_strings())
+        ids = run(full.encode(PROMPTS[1]))
+        assert not np.allclose(run(early.open_session(ids)).logprobs, run(full.open_session(ids)).logprobs)
+    finally:
+        early.shutdown()
+    with pytest.raises(ValueError, match="keep_layers 9"):
+        TransformersBackend("tiny:llama-bpe", keep_layers=9)

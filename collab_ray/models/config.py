@@ -32,6 +32,12 @@ class ModelConfig(BaseModel):
     cache_dequantized: bool = Field(
         True, description="Convert a GGUF model to float32 safetensors once and load that cached copy afterwards."
     )
+    keep_layers: int | None = Field(
+        None,
+        ge=1,
+        description="Keep only the first N decoder layers: an early-exit copy of the model, a cheap "
+        "same-vocabulary draft or amateur (self-speculative decoding, LayerSkip, Elhoushi et al. 2024).",
+    )
     max_sessions: int = Field(64, ge=1, description="Live decode sessions kept; the least recently used is evicted.")
     session_ttl_s: float = Field(600.0, gt=0, description="Seconds an idle session lives before eviction.")
     max_batch_size: int = Field(32, ge=1, description="Most prompts per forward pass in generate/loglikelihood.")

@@ -117,6 +117,18 @@ def dequantized(resolved: Resolved) -> Resolved:
     return Resolved("dir", str(out))
 
 
+def keep_first_layers(model, n: int) -> None:
+    """Truncate a decoder to its first `n` layers in place (the final norm and head stay)."""
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise ConfigError(f"keep_layers {n} exceeds the model's {len(layers)} layers")
+    model.get_decoder().layers = layers[:n]
+    text_config = model.config.get_text_config()
+    text_config.num_hidden_layers = n
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = text_config.layer_types[:n]
+
+
 def load(config: ModelConfig):
     """(model, tokenizer, input device) for `config`; model in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,6 +154,8 @@ def load(config: ModelConfig):
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load model source {config.source!r}: {e}") from e
+    if config.keep_layers is not None:
+        keep_first_layers(model, config.keep_layers)
     if not kwargs:
         model.to(device)
     model.eval()

@@ -1,0 +1,235 @@
+"""mergekit's merge YAML as pydantic models, and per-tensor parameter evaluation (filters, gradients).
+
+A user's mergekit YAML loads unchanged: `models` (each with `parameters`) or `slices` of `sources`
+with `layer_range`, `base_model`, `merge_method`, global `parameters`, `dtype`, `out_dtype`,
+`tokenizer_source: base`. A parameter value is a scalar, a gradient list (interpolated across the
+layers of a slice) or a list of `{filter, value}` conditions (first whose filter is a substring of
+the tensor name wins). mergekit keys that collab_ray does not implement (`modules`, `tokenizer`,
+`chat_template`, LoRA `model+adapter` references, …) are refused with an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from collab_ray.core.errors import ConfigError
+from collab_ray.merge.methods import REQUIRED, Param, get_method
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConditionalParameter(_Strict):
+    """A parameter value applied to the tensors whose name contains `filter`."""
+
+    value: ScalarOrGradient = Field(description="Scalar, or gradient list interpolated across the layers of a slice.")
+    filter: str | None = Field(None, description="Substring of the tensor name; None or '*' matches every tensor.")
+
+
+ParameterSetting = Union[ConditionalParameter, list[ConditionalParameter], ScalarOrGradient]
+Parameters = dict[str, ParameterSetting]
+
+
+def _model_path(value: str | None) -> str | None:
+    if value is not None and "+" in value:
+        raise ValueError(f"LoRA references ('model+adapter') are not supported: {value!r}; merge the adapter first")
+    return value
+
+
+class _ModelSource(_Strict):
+    model: str = Field(description="Local model directory (safetensors + config.json), or tiny:NAME.")
+    parameters: Parameters | None = Field(None, description="Parameters for this model (highest precedence).")
+
+    _check_model = field_validator("model")(_model_path)
+
+
+class InputModel(_ModelSource):
+    """One input model of the `models:` form."""
+
+
+class InputSlice(_ModelSource):
+    """A contiguous range of layers of one model."""
+
+    layer_range: tuple[int, int] = Field(description="Layers [start, end) of `model` that this source contributes.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    """Output layers made by merging the corresponding layers of every source."""
+
+    sources: list[InputSlice] = Field(min_length=1, description="Sources merged layer by layer; same number of layers each.")
+    base_model: str | None = Field(None, description="Base model of this slice (overrides the global base_model).")
+    parameters: Parameters | None = Field(None, description="Parameters for this slice (over the global ones).")
+
+    _check_base = field_validator("base_model")(_model_path)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = [f"{s.model}{list(s.layer_range)}" for s in self.sources]
+            raise ValueError(f"all sources of a slice must have the same number of layers: {', '.join(ranges)}")
+        return self
+
+
+class MergeConfig(_Strict):
+    """A mergekit merge configuration (the subset collab_ray implements; same semantics)."""
+
+    merge_method: str = Field(description="Method name: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, …")
+    models: list[InputModel] | None = Field(None, description="Whole models to merge (exclusive with `slices`).")
+    slices: list[OutputSlice] | None = Field(None, description="Output slices built from layer ranges (exclusive with `models`).")
+    base_model: str | None = Field(None, description="Base model: task vectors are taken relative to it; config/tokenizer donor.")
+    parameters: Parameters | None = Field(None, description="Global parameters (lowest precedence).")
+    dtype: str | None = Field(None, description="Inputs are cast to this dtype before merging (float32, float16, bfloat16, float64).")
+    out_dtype: str | None = Field(None, description="dtype of the written tensors (default: `dtype`, else the inputs' dtype).")
+    tokenizer_source: Literal["base"] | None = Field(
+        None, description="'base': the base's tokenizer; embedding rows of other models are cropped/padded to the base's."
+    )
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"unsupported dtype {v!r}; one of {', '.join(DTYPES)}")
+        return name
+
+    _check_base = field_validator("base_model")(_model_path)
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        if self.tokenizer_source == "base" and self.base_model is None:
+            raise ValueError("tokenizer_source: base needs a base_model")
+        method = get_method(self.merge_method)
+        for where, params in self._parameter_blocks():
+            for name in params or {}:
+                if method.param(name) is None:
+                    known = ", ".join(p.name for p in method.params + method.setup)
+                    raise ValueError(f"{where}.{name}: unknown parameter for merge_method {self.merge_method!r} (known: {known})")
+        return self
+
+    def _parameter_blocks(self):
+        yield "parameters", self.parameters
+        for i, m in enumerate(self.models or []):
+            yield f"models[{i}].parameters", m.parameters
+        for i, s in enumerate(self.slices or []):
+            yield f"slices[{i}].parameters", s.parameters
+            for j, src in enumerate(s.sources):
+                yield f"slices[{i}].sources[{j}].parameters", src.parameters
+
+
+# mergekit keys collab_ray refuses, and why (the generic message for anything else is "unknown key")
+UNSUPPORTED = {
+    "modules": "multi-module merges are not supported; use 'models' or 'slices'",
+    "tokenizer": "the 'tokenizer' block is not supported; only 'tokenizer_source: base'",
+    "chat_template": "chat_template is not supported; the base's tokenizer files are copied as they are",
+    "residual_weight": "residual_weight is not supported",
+}
+
+
+def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
+    """A MergeConfig from an instance, a dict, YAML text or a YAML file; errors name the key and value."""
+    if isinstance(source, MergeConfig):
+        return source
+    where = "merge config"
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"merge config {str(path)!r}: no such file")
+        where, source = str(path), path.read_text(encoding="utf-8")
+    if isinstance(source, str):
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if not isinstance(source, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(source).__name__}")
+    try:
+        return MergeConfig.model_validate(source)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "extra_forbidden":
+        return f"{path}: {UNSUPPORTED.get(key, 'unsupported key')} (key {key!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    return f"{path}: {msg}" if isinstance(value, (dict, list)) else f"{path}: {msg} (got {value!r})"
+
+
+# ------------------------------------------------------------------------ per-tensor evaluation
+
+_ADAPTERS: dict[type, TypeAdapter] = {}
+
+
+def validate_value(param: Param, value: Any) -> Any:
+    """Coerce `value` to the parameter's type (YAML strings like '1e-3' become numbers)."""
+    if value is None:
+        return None
+    adapter = _ADAPTERS.setdefault(param.type, TypeAdapter(param.type))
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        raise ConfigError(f"parameter {param.name!r}: {value!r} is not a valid {param.type.__name__}") from None
+
+
+def evaluate(setting: ParameterSetting, param: Param, tensor_name: str, t: float) -> Any:
+    """Value of `setting` for `tensor_name` at layer position t ∈ [0, 1], or None if no filter matches.
+
+    Gradient lists interpolate linearly between neighbouring numeric values; lists of booleans or
+    strings pick the value at index ⌊t·(n−1)⌋ (as mergekit does).
+    """
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return validate_value(param, setting)
+    if not setting:
+        return None
+    if isinstance(setting[0], ConditionalParameter):
+        for cond in setting:
+            if cond.filter in (None, "*") or cond.filter in tensor_name:
+                return evaluate(cond.value, param, tensor_name, t)
+        return None
+    values = [validate_value(param, v) for v in setting]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return validate_value(param, (1 - frac) * values[i0] + frac * values[i1])
+
+
+def resolve(param: Param, scopes: list[Parameters | None], tensor_name: str, t: float, where: str) -> Any:
+    """First non-None value over `scopes` (highest precedence first), else the default; errors name `where`."""
+    for scope in scopes:
+        if scope and param.name in scope:
+            value = evaluate(scope[param.name], param, tensor_name, t)
+            if value is not None:
+                return value
+    if param.default is REQUIRED:
+        raise ConfigError(f"missing required parameter {param.name!r} for {where}")
+    return param.default
+

@@ -1,0 +1,493 @@
+"""Merging tiny llama checkpoints: equality with mergekit, properties, streaming I/O, errors, soups, CLI.
+
+Checkpoints (a base and three fine-tunes = base + seeded noise) are made once per module. mergekit
+runs in one subprocess for all comparison configs (`mergekit-yaml` itself for one of them, its
+`run_merge` — what `mergekit-yaml` calls — for the rest), on CPU.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from collab_ray.core.errors import ConfigError, ModelLoadError
+from collab_ray.merge import greedy_soup, load_config, merge, merge_to_state_dict, uniform_soup
+from collab_ray.merge.cli import register
+
+pytest.importorskip("mergekit")
+
+LAYERS = 4
+
+
+def _llama_config(hidden=64, layers=LAYERS, vocab=256):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+
+
+def _save(state: dict, config, out: Path) -> Path:
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _noisy(state: dict, seed: int, scale: float = 0.01) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """base, ft0..ft2 (base + noise), ft0copy, vocab260 (4 extra embedding rows), badshape."""
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("ckpts")
+    config = _llama_config()
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    paths = {"base": _save(base, config, root / "base")}
+    for i in range(3):
+        paths[f"ft{i}"] = _save(_noisy(base, 100 + i), config, root / f"ft{i}")
+    paths["ft0copy"] = Path(shutil.copytree(paths["ft0"], root / "ft0copy"))
+    bigger = _noisy(base, 200)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        bigger[name] = torch.cat([bigger[name], torch.randn(4, 64)])
+    paths["vocab260"] = _save(bigger, _llama_config(vocab=260), root / "vocab260")
+    bad = _noisy(base, 300)
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 64)
+    paths["badshape"] = _save(bad, config, root / "badshape")
+    return paths
+
+
+def _yaml(text: str, paths: dict) -> dict:
+    """A mergekit YAML (model names substituted by their directories) as a dict."""
+    config = yaml.safe_load(textwrap.dedent(text))
+
+    def sub(node):
+        if isinstance(node, dict):
+            return {k: (str(paths[v]) if k in ("model", "base_model") and v in paths else sub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        return node
+
+    return sub(config)
+
+
+# Real-world shaped mergekit configs with non-trivial weights/densities, per-tensor filters and gradients.
+CONFIGS = {
+    "linear": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.5}
+          - model: ft1
+            parameters:
+              weight: [{filter: mlp, value: 0.9}, {value: 0.3}]
+          - model: ft2
+            parameters: {weight: [0.1, 0.4]}
+        merge_method: linear
+        dtype: float32
+    """,
+    "task_arithmetic": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.7}
+          - model: ft1
+            parameters: {weight: -0.3}
+          - model: ft2
+            parameters: {weight: [0.2, 0.6, 0.5]}
+        merge_method: task_arithmetic
+        base_model: base
+        parameters: {lambda: 0.8}
+        dtype: float32
+        out_dtype: float16
+    """,
+    "ties": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.6, density: [0.3, 0.7]}
+          - model: ft1
+            parameters:
+              weight: [{filter: self_attn, value: 0.2}, {value: 0.5}]
+              density: 0.5
+          - model: ft2
+            parameters: {weight: 0.3, density: 0.6}
+        merge_method: ties
+        base_model: base
+        parameters: {normalize: true, int8_mask: true}
+        dtype: float32
+    """,
+    "breadcrumbs": """
+        models:
+          - model: base
+          - model: ft0
+            parameters: {weight: 0.5, density: 0.8, gamma: 0.05}
+          - model: ft1
+            parameters: {weight: 0.4, density: [0.6, 0.9], gamma: 0.02}
+        merge_method: breadcrumbs
+        base_model: base
+        dtype: float32
+    """,
+    "slerp": """
+        slices:
+          - sources:
+              - model: base
+                layer_range: [0, 4]
+              - model: ft0
+                layer_range: [0, 4]
+        merge_method: slerp
+        base_model: base
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0, 0.5, 0.3, 0.7, 1]
+            - filter: mlp
+              value: [1, 0.5, 0.7, 0.3, 0]
+            - value: 0.5
+        dtype: float32
+    """,
+    "model_stock": """
+        models:
+          - model: ft0
+          - model: ft1
+          - model: ft2
+        merge_method: model_stock
+        base_model: base
+        dtype: float32
+    """,
+    "model_stock_filter_wise": """
+        models:
+          - model: ft0
+          - model: ft1
+        merge_method: model_stock
+        base_model: base
+        parameters: {filter_wise: true}
+    """,
+    "ties_slices": """
+        slices:
+          - sources:
+              - model: base
+                layer_range: [0, 2]
+              - model: ft0
+                layer_range: [0, 2]
+                parameters: {weight: [0.2, 0.9], density: 0.4}
+              - model: ft1
+                layer_range: [2, 4]
+                parameters: {weight: 0.5, density: 0.7}
+            parameters: {normalize: false}
+          - sources:
+              - model: base
+                layer_range: [2, 4]
+              - model: ft0
+                layer_range: [2, 4]
+                parameters: {weight: 0.4, density: 0.5}
+              - model: ft2
+                layer_range: [0, 2]
+                parameters: {weight: 0.6, density: [0.9, 0.2]}
+        merge_method: ties
+        base_model: base
+    """,
+    "passthrough": """
+        slices:
+          - sources:
+              - model: ft0
+                layer_range: [0, 3]
+          - sources:
+              - model: ft1
+                layer_range: [1, 4]
+        merge_method: passthrough
+        dtype: float32
+    """,
+}
+
+MERGEKIT_RUNNER = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(config))), out, options)
+"""
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit")
+    for name, text in CONFIGS.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(_yaml(text, ckpts)))
+    cli = ["mergekit-yaml", str(root / "slerp.yaml"), str(root / "slerp"), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+    subprocess.run(cli, check=True, capture_output=True)
+    rest = [arg for name in CONFIGS if name != "slerp" for arg in (str(root / f"{name}.yaml"), str(root / name))]
+    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *rest], check=True, capture_output=True)
+    return root
+
+
+def _load_dir(path: Path) -> dict:
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def _assert_same(ours: dict, theirs: dict, atol=1e-6):
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name].shape == theirs[name].shape and ours[name].dtype == theirs[name].dtype, name
+        diff = (ours[name].double() - theirs[name].double()).abs().max().item()
+        assert diff <= atol, f"{name}: max |diff| {diff}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_mergekit(name, ckpts, mergekit_outputs, tmp_path):
+    out = merge(mergekit_outputs / f"{name}.yaml", tmp_path / "out", progress=False)
+    _assert_same(_load_dir(out), _load_dir(mergekit_outputs / name))
+    ours, theirs = (json.loads((d / "config.json").read_text()) for d in (out, mergekit_outputs / name))
+    assert ours["num_hidden_layers"] == theirs["num_hidden_layers"]
+
+
+def test_cli_merge_matches_mergekit_and_shards(ckpts, mergekit_outputs, tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["merge", str(mergekit_outputs / "ties.yaml"), str(tmp_path / "out"), "--out-shard-size", "200KB", "--no-progress"])
+    assert args.func(args) == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _assert_same(_load_dir(tmp_path / "out"), _load_dir(mergekit_outputs / "ties"))
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a loadable HF checkpoint
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+    args = parser.parse_args(["merge", str(tmp_path / "missing.yaml"), str(tmp_path / "out2")])
+    assert args.func(args) == 2 and not (tmp_path / "out2").exists()
+
+
+def _merged(text: str, paths: dict, **kw) -> dict:
+    return merge_to_state_dict(_yaml(text, paths), **kw)
+
+
+def test_identical_models_merge_to_that_model(ckpts):
+    ft0 = load_file(ckpts["ft0"] / "model.safetensors")
+    for method, extra in [
+        ("linear", "parameters: {weight: 0.4}"),
+        ("ties", "parameters: {weight: 0.4, density: 0.5}"),
+        ("task_arithmetic", "parameters: {weight: 0.4}"),
+        ("model_stock", ""),
+    ]:
+        merged = _merged(
+            f"""
+            models:
+              - model: ft0copy
+                {extra}
+              - model: ft0copy
+                {extra}
+            merge_method: {method}
+            base_model: ft0
+            """ if method != "linear" else f"""
+            models:
+              - model: ft0
+                {extra}
+              - model: ft0copy
+                {extra}
+            merge_method: linear
+            """,
+            ckpts,
+        )
+        _assert_same(merged, ft0)
+    slerped = _merged("models: [{model: ft0}, {model: ft0copy}]\nmerge_method: slerp\nbase_model: ft0\nparameters: {t: 0.3}", ckpts)
+    _assert_same(slerped, ft0)
+
+
+def test_linear_single_weight_one_is_that_model(ckpts):
+    merged = _merged("models: [{model: ft1, parameters: {weight: 1.0}}]\nmerge_method: linear", ckpts)
+    ft1 = load_file(ckpts["ft1"] / "model.safetensors")
+    assert all(torch.equal(merged[k], ft1[k]) for k in ft1)
+
+
+def test_ties_full_density_one_model_is_task_arithmetic(ckpts):
+    common = "base_model: base\nmodels: [{model: ft2, parameters: {weight: 0.7, density: 1.0}}]\nparameters: {normalize: false}\n"
+    ties = _merged(common + "merge_method: ties", ckpts)
+    ta = _merged(common.replace(", density: 1.0", "") + "merge_method: task_arithmetic", ckpts)
+    _assert_same(ties, ta, atol=0)
+
+
+def test_dare_rescales_and_is_deterministic_by_seed(ckpts):
+    text = "base_model: base\nmodels: [{model: ft0, parameters: {weight: 1.0, density: 0.3}}]\nmerge_method: "
+    base, ft0 = (load_file(ckpts[n] / "model.safetensors") for n in ("base", "ft0"))
+    for method in ("dare_linear", "dare_ties"):
+        one, again, other = (_merged(text + method, ckpts, seed=s) for s in (1, 1, 2))
+        assert all(torch.equal(one[k], again[k]) for k in one)
+        assert any(not torch.equal(one[k], other[k]) for k in one)
+        name = "model.embed_tokens.weight"  # 16k entries
+        delta, merged_delta = ft0[name] - base[name], one[name] - base[name]
+        kept = merged_delta.abs() > 1e-7
+        assert abs(kept.float().mean().item() - 0.3) < 0.02
+        scale = (merged_delta[kept] / delta[kept]).mean().item()
+        assert abs(scale * 0.3 - 1) < 0.05
+
+
+def test_tokenizer_source_base_crops_and_pads_embedding_rows(ckpts, caplog):
+    text = "models: [{model: base, parameters: {weight: 0.5}}, {model: vocab260, parameters: {weight: 0.5}}]\nmerge_method: linear\n"
+    with pytest.raises(ConfigError, match="vocabulary sizes differ.*tokenizer_source: base"):
+        _merged(text, ckpts)
+    merged = _merged(text + "base_model: base\ntokenizer_source: base", ckpts)
+    base, big = (load_file(ckpts[n] / "model.safetensors") for n in ("base", "vocab260"))
+    name = "model.embed_tokens.weight"
+    assert merged[name].shape == (256, 64)
+    assert torch.allclose(merged[name], (base[name] + big[name][:256]) / 2, atol=1e-6)
+    assert "cropping/padding" in caplog.text
+
+
+def test_errors_name_the_problem_and_leave_no_output(ckpts, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        ("merge_method: ties\nmodels: [{model: ft0}\n", ConfigError, "invalid YAML"),
+        ("merge_method: ties\nmodules: {}\nmodels: [{model: ft0}]", ConfigError, "modules"),
+        ("merge_method: ties\nbase_model: base\nmodels: [{model: ft0, parameters: {weigth: 1}}]", ConfigError, "weigth"),
+        ("merge_method: ties\nbase_model: base\nmodels: [{model: ft0, parameters: {density: 0.5}}]", ConfigError, "weight"),
+        ("merge_method: linear\nmodels: [{model: ft0, parameters: {weight: 1}}, {model: nowhere, parameters: {weight: 1}}]", ModelLoadError, "nowhere"),
+        ("merge_method: linear\nmodels: [{model: ft0, parameters: {weight: 1}}, {model: badshape, parameters: {weight: 1}}]", ConfigError, "up_proj.*badshape"),
+        ("merge_method: slerp\nbase_model: base\nmodels: [{model: ft0}, {model: ft1}]\nparameters: {t: 0.5}", ConfigError, "exactly 2"),
+    ]
+    for text, error, pattern in cases:
+        config = _yaml(text, ckpts) if "invalid" not in pattern else text
+        with pytest.raises(error, match=pattern):
+            merge(load_config(config) if isinstance(config, dict) else config, out, progress=False)
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    truncated = Path(shutil.copytree(ckpts["ft1"], tmp_path / "truncated"))  # header fine, data cut short
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    ckpts = {**ckpts, "truncated": truncated}
+    with pytest.raises(Exception):
+        merge(_yaml("merge_method: linear\nmodels: [{model: ft0, parameters: {weight: 1}}, {model: truncated, parameters: {weight: 1}}]", ckpts), out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["truncated"]  # no OUT_DIR, no partial dir
+
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        merge(_yaml("merge_method: linear\nmodels: [{model: ft0, parameters: {weight: 1}}]", ckpts), out, progress=False)
+
+
+def test_soups(ckpts, tmp_path):
+    models = [str(ckpts[n]) for n in ("ft0", "ft1", "ft2")]
+    noisy = _save(_noisy(load_file(ckpts["base"] / "model.safetensors"), 400, scale=0.5), _llama_config(), tmp_path / "noisy")
+    base = load_file(ckpts["base"] / "model.safetensors")
+
+    def score(state):  # closer to the base is better (stands in for a validation metric)
+        return -sum((state[k] - base[k]).pow(2).sum().item() for k in base)
+
+    chosen = greedy_soup([str(noisy), *models], score)
+    assert str(noisy) not in chosen and len(chosen) == 3
+    out = uniform_soup(chosen, tmp_path / "soup", progress=False)
+    expected = _merged("models: [{model: ft0, parameters: {weight: 1}}, {model: ft1, parameters: {weight: 1}}, {model: ft2, parameters: {weight: 1}}]\nmerge_method: linear", ckpts)
+    _assert_same(_load_dir(out), expected)
+
+
+RSS_SCRIPT = """
+import re, sys
+from collab_ray.merge import merge
+import torch, safetensors, transformers  # everything the merge imports, before the baseline
+
+def status(key):  # kB -> bytes; VmHWM (peak RSS) starts afresh at exec, unlike ru_maxrss
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+baseline = status("VmRSS")
+merge(sys.argv[1], sys.argv[2], progress=False)
+print(baseline, status("VmHWM") - baseline)
+"""
+
+
+def test_peak_rss_of_three_checkpoint_merge(tmp_path):
+    """Peak RSS (VmHWM) increase over the post-import baseline (interpreter + torch ≈ 250 MB, excluded) of a
+    TIES merge of three ~88 MB checkpoints onto a base stays below 1.5× one checkpoint. TIES holds one
+    tensor per input at once (sign election needs all task vectors), so the largest tensor (the
+    12 MB embedding, 14% of the model) plus scratch dominates the peak."""
+    config = _llama_config(hidden=512, layers=6, vocab=6000)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.randn(6000, 512, generator=g) * 0.02
+    state["model.norm.weight"] = torch.ones(512)
+    for i in range(6):
+        p = f"model.layers.{i}."
+        for proj, shape in [("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (256, 512)), ("self_attn.v_proj", (256, 512)), ("self_attn.o_proj", (512, 512)), ("mlp.gate_proj", (1024, 512)), ("mlp.up_proj", (1024, 512)), ("mlp.down_proj", (512, 1024))]:
+            state[p + proj + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        state[p + "input_layernorm.weight"] = torch.ones(512)
+        state[p + "post_attention_layernorm.weight"] = torch.ones(512)
+    paths = {"base": _save(state, config, tmp_path / "base")}
+    for i in range(3):
+        paths[f"ft{i}"] = _save(_noisy(state, i), config, tmp_path / f"ft{i}")
+    del state
+    size = (paths["base"] / "model.safetensors").stat().st_size
+    assert size > 80e6
+    text = "base_model: base\nmerge_method: ties\nmodels:\n" + "".join(f"  - {{model: ft{i}, parameters: {{weight: 0.3, density: 0.5}}}}\n" for i in range(3))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(_yaml(text, paths)))
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "m.yaml"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    baseline, increase = map(int, run.stdout.split())
+    assert increase < 1.5 * size, f"peak RSS increase {increase / 1e6:.0f} MB (over {baseline / 1e6:.0f} MB) vs checkpoint {size / 1e6:.0f} MB"
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    """The tiny llama (with its tokenizer) and two noisy variants, plus an evaluation text."""
+    from collab_ray.models.tiny import corpus, tiny_path
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = Path(shutil.copytree(tiny_path("llama-bpe"), root / "base"))
+    paths = {"base": base}
+    for i, scale in enumerate((0.01, 0.3)):
+        paths[f"v{i}"] = Path(shutil.copytree(base, root / f"v{i}"))
+        state = _noisy(load_file(base / "model.safetensors"), 500 + i, scale)
+        save_file(state, str(paths[f"v{i}"] / "model.safetensors"), metadata={"format": "pt"})
+    paths["text"] = root / "eval.txt"
+    paths["text"].write_text(corpus()[:4000], encoding="utf-8")
+    return paths
+
+
+def test_fisher_merge_and_perplexity_soup(tiny_with_tokenizer, tmp_path):
+    from collab_ray.merge import perplexity_scorer
+
+    p = tiny_with_tokenizer
+    fisher = f"merge_method: fisher\nparameters: {{fisher_data: {p['text']}, fisher_batches: 2, fisher_batch_size: 1, fisher_seq_len: 32}}\n"
+    same = merge_to_state_dict(_yaml(fisher + "models: [{model: base}, {model: base}]", p))
+    base = load_file(p["base"] / "model.safetensors")
+    _assert_same(same, base, atol=1e-6)
+    mixed = merge_to_state_dict(_yaml(fisher + "models: [{model: base}, {model: v1}]", p))
+    plain = merge_to_state_dict(_yaml("merge_method: linear\nmodels: [{model: base, parameters: {weight: 1}}, {model: v1, parameters: {weight: 1}}]", p))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(mixed[name], plain[name], atol=1e-4)  # Fisher weights differ from uniform ones
+    v1 = load_file(p["v1"] / "model.safetensors")[name]
+    lo, hi = torch.minimum(base[name], v1), torch.maximum(base[name], v1)
+    assert torch.all((mixed[name] >= lo - 1e-7) & (mixed[name] <= hi + 1e-7))  # a per-entry convex combination
+
+    score = perplexity_scorer(p["text"], p["base"], seq_len=32, max_tokens=256)
+    assert score(base) > score(load_file(p["v1"] / "model.safetensors"))  # heavy noise hurts perplexity
+    assert greedy_soup([str(p["v1"]), str(p["base"]), str(p["v0"])], score)[0] == str(p["base"])
+
+
+def test_examples_are_valid_configs():
+    examples = sorted((Path(__file__).parent.parent / "examples" / "merges").glob("*.yaml"))
+    assert len(examples) >= 5
+    for path in examples:
+        load_config(path)
