@@ -208,3 +208,19 @@ def test_shipped_configs_parse():
     for name in ("tiny.yaml", "demo.yaml"):
         config = load_config(f"deploy/{name}")
         assert set(config.models) <= set(config.all_pipelines())
+
+
+def test_every_pipeline_of_tiny_yaml_answers_over_http_as_in_process(serve_app, client):
+    from collab_ray.core.pipeline import Pipeline
+    from collab_ray.core.strategy import Request
+
+    config = serve_app.config
+    messages = [{"role": "user", "content": "The river runs past the old mill. Where does the river run?"}]
+    for name, pipe in config.pipelines.items():
+        r = client.chat.completions.create(model=name, messages=messages, max_tokens=10, temperature=0, seed=3)
+        models = {role: local_backend(config.models[m].source) for role, m in config.roles(name).items()}
+        params = SamplingParams(temperature=0, max_tokens=10, seed=3)
+        local = run(Pipeline(pipe.strategy, models, pipe.params).run(Request(messages=messages, params=params)))
+        assert r.choices[0].message.content == local.text, name
+        collab = r.model_extra["collab"]
+        assert collab["strategy"] == pipe.strategy and set(collab["models"]) == set(models), name
