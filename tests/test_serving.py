@@ -224,3 +224,12 @@ def test_every_pipeline_of_tiny_yaml_answers_over_http_as_in_process(serve_app, 
         assert r.choices[0].message.content == local.text, name
         collab = r.model_extra["collab"]
         assert collab["strategy"] == pipe.strategy and set(collab["models"]) == set(models), name
+
+
+def test_app_builder_takes_a_path_or_mapping_and_names_missing_args():
+    from collab_ray.serving.app import app_builder
+
+    assert app_builder({"config": "deploy/tiny.yaml"}) is not None
+    assert app_builder({"config": {"models": {"m": {"source": "tiny:llama-bpe"}}}}) is not None
+    with pytest.raises(ValueError, match="'config'"):
+        app_builder({"cfg": "deploy/tiny.yaml"})
