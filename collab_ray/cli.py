@@ -70,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", default=None, help="HTTP host (default: server.host of the config)")
     serve_cmd.set_defaults(func=_serve)
 
+    from collab_ray.ensemble.cli import register as register_ensemble
+    from collab_ray.eval.cli import register as register_eval
     from collab_ray.merge.cli import register as register_merge
 
     register_merge(sub)
+    register_ensemble(sub)
+    register_eval(sub)
     return parser
 
 

@@ -1,0 +1,71 @@
+"""`collab-ray route train` and `collab-ray cascade calibrate` (in-process models named by source)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from dataclasses import asdict
+
+from collab_ray.eval.datasets import load
+
+
+def _models(sources: list[str]) -> dict:
+    from collab_ray.models.backend import TransformersBackend
+
+    return {s: TransformersBackend(s) for s in sources}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="benchmark name (arc_easy, sciq, triviaqa, …) or a JSONL file")
+    p.add_argument("--model", action="append", required=True, help="model source, repeated, cheapest first")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N items")
+
+
+def route_train(args) -> int:
+    from collab_ray.ensemble.route import train_router
+
+    if len(args.model) < 2:
+        raise SystemExit(f"route train needs at least 2 --model entries, got {args.model}")
+    dataset = load(args.dataset).head(args.limit)
+    router = asyncio.run(
+        train_router(_models(args.model), dataset, features=args.features, target_share=args.target_share, ridge=args.ridge)
+    )
+    router.save(args.output)
+    print(json.dumps({"output": args.output, "threshold": router.threshold, **router.meta}, indent=2))
+    return 0
+
+
+def cascade_calibrate(args) -> int:
+    from collab_ray.ensemble.cascade import calibrate_cascade
+
+    if (args.target_accuracy is None) == (args.target_share is None):
+        raise SystemExit("cascade calibrate needs exactly one of --target-accuracy and --target-share")
+    dataset = load(args.dataset).head(args.limit)
+    point = asyncio.run(
+        calibrate_cascade(
+            _models(args.model), dataset, target_accuracy=args.target_accuracy, target_share=args.target_share
+        )
+    )
+    print(json.dumps({"models": args.model, "dataset": dataset.name, "items": len(dataset.items), **asdict(point)}, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    route = subparsers.add_parser("route", help="routers for the 'route' strategy")
+    route_sub = route.add_subparsers(dest="route_command", required=True)
+    train = route_sub.add_parser("train", help="run every model on a dataset, fit a router, calibrate, save")
+    _common(train)
+    train.add_argument("--output", required=True, help="router file to write (.npz)")
+    train.add_argument("--features", choices=["minilm", "hash"], default="minilm", help="query features")
+    train.add_argument("--target-share", type=float, default=0.5, help="share of queries sent to the last model")
+    train.add_argument("--ridge", type=float, default=1.0, help="ridge regularization of the score predictors")
+    train.set_defaults(func=route_train)
+
+    cascade = subparsers.add_parser("cascade", help="thresholds for the 'cascade' strategy")
+    cascade_sub = cascade.add_subparsers(dest="cascade_command", required=True)
+    cal = cascade_sub.add_parser("calibrate", help="choose stage thresholds on dev data")
+    _common(cal)
+    cal.add_argument("--target-accuracy", type=float, default=None, help="cheapest thresholds reaching this accuracy")
+    cal.add_argument("--target-share", type=float, default=None, help="most accurate with at most this share at the last stage")
+    cal.set_defaults(func=cascade_calibrate)

@@ -1,0 +1,56 @@
+"""Helpers shared by the after-inference strategies: sample every model, read the question back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from collab_ray.core.backend import ModelBackend
+from collab_ray.core.errors import ConfigError
+from collab_ray.core.strategy import Emit, Request, StrategyResult, render_prompt
+from collab_ray.core.types import Generation, Usage
+
+
+def pick(models: dict[str, ModelBackend], names: list[str] | None, what: str) -> list[str]:
+    """The model names a parameter selects (all models when None); errors name the unknown one."""
+    if names is None:
+        return list(models)
+    for n in names:
+        if n not in models:
+            raise ConfigError(f"{what}: {n!r} is not one of the models {list(models)}")
+    return list(names)
+
+
+async def sample_models(
+    models: dict[str, ModelBackend], names: list[str], request: Request, n: int, temperature: float | None
+) -> dict[str, list[Generation]]:
+    """n completions of the request from each named model, all models concurrently (batched per model)."""
+    params = request.params if temperature is None else request.params.model_copy(update={"temperature": temperature})
+
+    async def one(name: str) -> list[Generation]:
+        prompt = await render_prompt(models[name], request)
+        return await models[name].generate([prompt] * n, params)
+
+    gens = await asyncio.gather(*(one(name) for name in names))
+    return dict(zip(names, gens))
+
+
+def question(request: Request) -> str:
+    """The user's question: the prompt, or the last user message."""
+    if request.prompt is not None:
+        return request.prompt
+    users = [m["content"] for m in request.messages if m["role"] == "user"]
+    return users[-1] if users else request.messages[-1]["content"]
+
+
+async def respond(g: Generation, model: str, collab: dict, emit: Emit | None, usage: Usage | None = None) -> StrategyResult:
+    """The chosen generation as the response (streamed in one piece), with what the strategy decided."""
+    if emit is not None:
+        await emit(g.text)
+    return StrategyResult(
+        text=g.text,
+        finish_reason=g.finish_reason,
+        usage=usage or g.usage,
+        token_ids=g.token_ids,
+        logprobs=g.logprobs,
+        meta={"output_model": model, "collab": collab},
+    )

