@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="serve the real packaged models and send every pipeline a few prompts")
     demo.add_argument("--config", default=None, help="collaboration YAML (default: the packaged deploy/demo.yaml)")
-    demo.add_argument("--max-tokens", type=int, default=40, help="tokens per answer")
+    demo.add_argument("--max-tokens", type=int, default=32, help="tokens per answer")
     demo.set_defaults(func=_demo)
 
     serve_cmd = sub.add_parser("serve", help="serve a collaboration config behind the OpenAI-compatible API")

@@ -54,7 +54,7 @@ class ModelDeployment(ModelConfig):
         256, ge=1, description="Concurrent calls per replica; sized for many decode sessions (each call is short)."
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long generate/loglikelihood calls wait to be batched with others."
+        0.05, ge=0, description="How long generate/loglikelihood calls wait to be batched with others."
     )
 
 

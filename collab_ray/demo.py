@@ -17,7 +17,6 @@ from collab_ray.models import packaged
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "demo.yaml"
 QUESTIONS = [
     "What is the capital of France?",
-    "Name three fruits that are red.",
     "Why is the sky blue? Answer in one sentence.",
 ]
 
@@ -75,7 +74,7 @@ def format_table(rows: list[DemoRow], width: int = 56) -> str:
     return "\n".join(lines)
 
 
-def main(config_path: str | None = None, max_tokens: int = 40) -> str:
+def main(config_path: str | None = None, max_tokens: int = 32) -> str:
     import openai
     from ray import serve
 
