@@ -76,9 +76,8 @@ def format_table(rows: list[DemoRow], width: int = 56) -> str:
 
 def main(config_path: str | None = None, max_tokens: int = 32) -> str:
     import openai
-    from ray import serve
 
-    from collab_ray.serving.app import start
+    from collab_ray.serving.app import start, stop
 
     config = load_config(config_path or DEFAULT_CONFIG)
     pull_models(config)
@@ -92,6 +91,6 @@ def main(config_path: str | None = None, max_tokens: int = 32) -> str:
         client.chat.completions.create(model=next(iter(config.models)), messages=[{"role": "user", "content": "hi"}], max_tokens=1)
         table = format_table(ask_all(client, config, max_tokens))
     finally:
-        serve.shutdown()
+        stop()
     print(table)
     return table

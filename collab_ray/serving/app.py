@@ -114,6 +114,11 @@ def start(config: CollabConfig, port: int | None = None, host: str | None = None
     return f"http://{host}:{port}/v1"
 
 
+def stop() -> None:
+    """Shut the Serve application and its deployments down."""
+    serve.shutdown()
+
+
 def serve_forever(config_path: str, port: int | None = None, host: str | None = None) -> None:
     config = load_config(config_path)
     url = start(config, port, host)
@@ -123,4 +128,4 @@ def serve_forever(config_path: str, port: int | None = None, host: str | None = 
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        stop()
