@@ -1,10 +1,11 @@
-"""Helpers shared by the after-inference strategies: sample every model, read the question back."""
+"""Helpers shared by the after-inference strategies: pick models, sample them all, respond."""
 
 from __future__ import annotations
 
 import asyncio
 
 from collab_ray.core.backend import ModelBackend
+from collab_ray.core.decoding import answer
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, StrategyResult, render_prompt
 from collab_ray.core.types import Generation, Usage
@@ -34,23 +35,9 @@ async def sample_models(
     return dict(zip(names, gens))
 
 
-def question(request: Request) -> str:
-    """The user's question: the prompt, or the last user message."""
-    if request.prompt is not None:
-        return request.prompt
-    users = [m["content"] for m in request.messages if m["role"] == "user"]
-    return users[-1] if users else request.messages[-1]["content"]
-
-
 async def respond(g: Generation, model: str, collab: dict, emit: Emit | None, usage: Usage | None = None) -> StrategyResult:
     """The chosen generation as the response (streamed in one piece), with what the strategy decided."""
-    if emit is not None:
-        await emit(g.text)
-    return StrategyResult(
-        text=g.text,
-        finish_reason=g.finish_reason,
-        usage=usage or g.usage,
-        token_ids=g.token_ids,
-        logprobs=g.logprobs,
-        meta={"output_model": model, "collab": collab},
-    )
+    result = await answer(g, emit, {"output_model": model, "collab": collab})
+    if usage is not None:
+        result.usage = usage
+    return result

@@ -22,9 +22,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.sampling import make_generator, process_logits, sample
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
+from collab_ray.core.strategy import (
+    Emit,
+    Request,
+    Strategy,
+    StrategyResult,
+    register,
+    render_prompt,
+)
 from collab_ray.core.types import TopK, Usage
-from collab_ray.core.vocab import EOS, Key, TokenMap, UnionVocab, fuse_logprobs, greedy_split, to_union
+from collab_ray.core.vocab import (
+    EOS,
+    Key,
+    TokenMap,
+    UnionVocab,
+    fuse_logprobs,
+    greedy_split,
+    to_union,
+)
 from collab_ray.eval.choice import ChoiceDecision, choice_probs
 
 ANCHOR = "\n"  # encoded before a piece, then dropped, so SentencePiece adds no dummy prefix space

@@ -3,12 +3,12 @@ layer every proposer sees the previous layer's answers; an aggregator writes the
 
 from __future__ import annotations
 
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.core.decoding import user_text
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 from collab_ray.core.types import Usage
-from collab_ray.ensemble.common import pick, question, respond, sample_models
+from collab_ray.ensemble.common import pick, respond, sample_models
 
 AGGREGATE = (
     "You have been given responses from several models to the question below. Synthesize them into one "
@@ -41,7 +41,7 @@ class Moa(Strategy):
         p = self.params
         aggregator = pick(models, [p.aggregator or list(models)[-1]], "moa aggregator")[0]
         proposers = pick(models, p.proposers or [n for n in models if n != aggregator], "moa proposers")
-        q = question(request)
+        q = user_text(request)
         current, spent, answers = request, [], []
         for _ in range(p.layers):
             gens = await sample_models(models, proposers, current, 1, None)

@@ -9,9 +9,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register, render_prompt
+from collab_ray.core.decoding import user_text
+from collab_ray.core.strategy import (
+    Emit,
+    Request,
+    Strategy,
+    StrategyResult,
+    register,
+    render_prompt,
+)
 from collab_ray.core.types import LoglikelihoodResult, Usage
-from collab_ray.ensemble.common import pick, question, respond, sample_models
+from collab_ray.ensemble.common import pick, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 
 YES_NO = "Question: {question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer yes or no.\nAnswer:"
@@ -57,7 +65,7 @@ class RankParams(BaseModel):
 
 async def judge_scores(judge, request: Request, texts: list[str], scorer: str) -> list[float]:
     """One judge's score of each candidate text (higher is better), in one batched call."""
-    q = question(request)
+    q = user_text(request)
     if scorer == "logprob":
         prompt = await render_prompt(judge, request)
         filled = [i for i, t in enumerate(texts) if t]  # an empty candidate has no tokens to score

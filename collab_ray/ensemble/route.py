@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.core.decoding import user_text
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.ensemble.common import question, respond, sample_models
+from collab_ray.ensemble.common import respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 from collab_ray.eval.datasets import Dataset
 from collab_ray.eval.harness import run_model
@@ -195,7 +196,7 @@ class Route(Strategy):
         return ChoiceDecision(c.index, {"routed_to": name, "gain": d.gain})
 
     async def run(self, models, request: Request, emit: Emit | None = None) -> StrategyResult:
-        name, d = self.choose_model(models, question(request))
+        name, d = self.choose_model(models, user_text(request))
         (g,) = (await sample_models(models, [name], request, 1, None))[name]
         collab = {"routed_to": name, "predicted": dict(zip(self.router.models, d.predicted)), "gain": d.gain}
         return await respond(g, name, collab, emit)
