@@ -35,12 +35,13 @@ class ServeBackend:
         self.call_timeout_s = call_timeout_s
         self.retries = retries
         self._tokens: dict[str, list[int]] = {}  # each open session's tokens, for replay
+        self._handles: dict[str, DeploymentHandle] = {}  # each open session's routed handle
         self._info = None
         self._strings = None
         self.replays = 0
 
     async def _call(self, method: str, *args, routing_key: str | None = None, **kwargs):
-        handle = self.handle if routing_key is None else self.handle.options(session_id=routing_key)
+        handle = self.handle if routing_key is None else self._routed(routing_key)
         for attempt in range(self.retries + 1):
             try:
                 return await asyncio.wait_for(getattr(handle, method).remote(*args, **kwargs), self.call_timeout_s)
@@ -50,6 +51,12 @@ class ServeBackend:
                 await asyncio.sleep(0.5 * 2**attempt)
             except asyncio.TimeoutError:
                 raise ModelUnavailable(f"model {self.name!r}: {method} timed out after {self.call_timeout_s}s") from None
+
+    def _routed(self, session_id: str) -> DeploymentHandle:
+        """The handle whose calls carry `session_id` as routing key (made once per session)."""
+        if session_id not in self._handles:
+            self._handles[session_id] = self.handle.options(session_id=session_id)
+        return self._handles[session_id]
 
     # ---- stateless calls ----------------------------------------------------------------------
     async def info(self):
@@ -127,3 +134,5 @@ class ServeBackend:
             await self._call("close_session", session_id, routing_key=session_id)
         except ModelUnavailable:
             pass  # the replica is gone, and the session with it
+        finally:
+            self._handles.pop(session_id, None)
