@@ -52,6 +52,8 @@ class TextOutput:
                 self.finish_reason = "stop"
             elif len(self.token_ids) >= self.limit:
                 self.finish_reason = "length"
+        if not (self.done or self.params.stop or self.emit is not None):
+            return False  # nothing needs the text yet: skip a decode call per step
         text = await self.backend.decode(self.token_ids)
         hold = 0
         if self.params.stop:
