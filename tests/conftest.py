@@ -40,11 +40,21 @@ def backends(request):
 
 
 @pytest.fixture(scope="session")
-def serve_app():
-    """One Ray instance and Serve app (deploy/tiny.yaml, with an API key) for the whole session."""
+def ray_cluster():
+    """One local Ray cluster (`ray start --head`, private ports) for the whole session."""
+    from ray_cluster import RayCluster
+
+    cluster = RayCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster):
+    """The Serve app (deploy/tiny.yaml, with an API key) on the session's Ray cluster."""
     from serve_harness import ServeHarness
 
-    harness = ServeHarness.start()
+    harness = ServeHarness.start(ray_cluster.address)
     yield harness
     harness.stop()
 

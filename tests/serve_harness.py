@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import yaml
 
 from collab_ray.config import ModelDeployment, parse_config
+from ray_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY_ENV = "COLLAB_TEST_API_KEY"
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeHarness:
@@ -28,16 +21,16 @@ class ServeHarness:
         self._backends: dict = {}
 
     @classmethod
-    def start(cls) -> "ServeHarness":
+    def start(cls, ray_address: str) -> "ServeHarness":
         import ray
 
         from collab_ray.serving.app import start
 
-        os.environ[API_KEY_ENV] = API_KEY  # replicas inherit the driver's environment
         data = yaml.safe_load((ROOT / "deploy" / "tiny.yaml").read_text())
         data["server"] = {**data.get("server", {}), "api_key_env": API_KEY_ENV, "call_timeout_s": 60}
         config = parse_config(data, "deploy/tiny.yaml")
-        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+        # the cluster was started before the key was set: hand it to this job's replicas
+        ray.init(address=ray_address, log_to_driver=False, runtime_env={"env_vars": {API_KEY_ENV: API_KEY}})
         url = start(config, port=free_port(), host="127.0.0.1", quiet=True)
         return cls(config, url)
 
@@ -69,4 +62,4 @@ class ServeHarness:
         from ray import serve
 
         serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the cluster itself is the `ray_cluster` fixture's
