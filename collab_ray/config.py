@@ -19,40 +19,90 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
+from collab_ray.core.pipeline import Pipeline
 from collab_ray.core.strategy import get_strategy
 from collab_ray.models.config import ModelConfig
 
 
 class Autoscaling(BaseModel):
-    """Ray Serve autoscaling of one deployment (defaults suit LLM replicas: slow to start, costly to idle)."""
+    """Ray Serve autoscaling of one deployment on its ongoing requests.
+
+    The defaults suit LLM replicas, which are slow to start (loading weights) and costly to keep
+    idle: scale up after 30 s of load, down after 5 min of quiet, and average the load over 30 s.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running (0 scales to zero when idle).")
     max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
-    target_ongoing_requests: float = Field(8, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started at deploy time (default: min_replicas, at least 1)."
+    )
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Ongoing requests per replica the autoscaler aims for (must not exceed max_ongoing_requests)."
+    )
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must stay high this long before adding a replica.")
     downscale_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long before removing a replica.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which ongoing requests are averaged.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often handles and replicas report their load.")
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            bounds = f"[min_replicas {self.min_replicas}, max_replicas {self.max_replicas}]"
+            raise ValueError(f"initial_replicas {initial} outside {bounds}")
         return self
 
+    def serve_options(self) -> dict:
+        """The `autoscaling_config` of `serve.deployment`."""
+        initial = self.initial_replicas if self.initial_replicas is not None else max(self.min_replicas, 1)
+        return {**self.model_dump(), "initial_replicas": initial}
 
-class ModelDeployment(ModelConfig):
-    """A model and the Ray Serve deployment that hosts it."""
+
+class _Scaled(BaseModel):
+    """Replica count, autoscaling and per-replica concurrency of a deployment."""
+
+    model_config = ConfigDict(extra="forbid")
 
     replicas: int = Field(1, ge=1, description="Fixed number of replicas (ignored when `autoscaling` is set).")
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica; with device `cuda` a model spans all of them.")
-    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (0 lets several share a small machine).")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type the replica must run on, e.g. H100.")
     autoscaling: Autoscaling | None = Field(None, description="Autoscale replicas on ongoing requests.")
     max_ongoing_requests: int = Field(
         256, ge=1, description="Concurrent calls per replica; sized for many decode sessions (each call is short)."
     )
+
+    @model_validator(mode="after")
+    def _target_within_limit(self):
+        a = self.autoscaling
+        if a is not None and a.target_ongoing_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests {a.target_ongoing_requests} exceeds max_ongoing_requests "
+                f"{self.max_ongoing_requests}: a replica never sees that load, so it would never scale up"
+            )
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        """Replicas this deployment may run at most."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    def serve_scaling(self) -> dict:
+        """`serve.deployment` options: a fixed `num_replicas` or an `autoscaling_config`."""
+        if self.autoscaling:
+            return {"autoscaling_config": self.autoscaling.serve_options()}
+        return {"num_replicas": self.replicas}
+
+
+class ModelDeployment(ModelConfig, _Scaled):
+    """A model and the Ray Serve deployment that hosts it."""
+
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica; with device `cuda` a model spans all of them.")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (0 lets several share a small machine).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the replica must run on, e.g. H100.")
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="How long generate/loglikelihood calls wait to be batched with others."
     )
@@ -68,7 +118,13 @@ class PipelineConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="The strategy's own parameters.")
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(_Scaled):
+    """The coordinator/ingress deployment and its OpenAI-compatible HTTP API.
+
+    `replicas`/`autoscaling` scale the coordinator; it mostly waits on models, so an autoscaling
+    target of tens of ongoing requests per replica (e.g. 64) suits it better than a model's.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     host: str = Field("127.0.0.1", description="HTTP host; 0.0.0.0 to serve beyond this machine.")
@@ -79,8 +135,10 @@ class ServerConfig(BaseModel):
     call_timeout_s: float = Field(120.0, gt=0, description="Timeout of every call from the coordinator to a model.")
     request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one whole pipeline request.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest `max_tokens` a request may ask for.")
-    replicas: int = Field(1, ge=1, description="Replicas of the coordinator/ingress deployment.")
     num_cpus: float = Field(0, ge=0, description="CPUs reserved per coordinator replica (it mostly waits on models).")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Concurrent pipeline requests per coordinator replica (each mostly waits on models)."
+    )
 
 
 class CollabConfig(BaseModel):
@@ -110,7 +168,7 @@ class CollabConfig(BaseModel):
             try:
                 cls.Params.model_validate(pipe.params)
             except ValidationError as e:
-                raise ConfigError(f"{where}.params: {_describe(e)}") from None
+                raise ConfigError(f"{where}.params: {describe_errors(e)}") from None
         return self
 
     def all_pipelines(self) -> dict[str, PipelineConfig]:
@@ -123,8 +181,23 @@ class CollabConfig(BaseModel):
         models = self.all_pipelines()[pipeline].models
         return dict(models) if isinstance(models, dict) else {m: m for m in models}
 
+    def build_pipeline(self, name: str, backends: dict[str, ModelBackend]) -> Pipeline:
+        """Pipeline `name` over `backends` ({model name: backend}, e.g. Serve handles or in-process models)."""
+        pipe = self.all_pipelines()[name]
+        return Pipeline(pipe.strategy, {role: backends[m] for role, m in self.roles(name).items()}, pipe.params)
 
-def _describe(e: ValidationError) -> str:
+    def only(self, pipeline: str) -> CollabConfig:
+        """This config cut down to one pipeline and the models it uses (what a batch job deploys)."""
+        if pipeline not in self.all_pipelines():
+            raise ConfigError(f"pipeline {pipeline!r} not found; available: {', '.join(self.all_pipelines())}")
+        used = set(self.roles(pipeline).values())
+        models = {name: m for name, m in self.models.items() if name in used}
+        pipelines = {pipeline: self.pipelines[pipeline]} if pipeline in self.pipelines else {}
+        return self.model_copy(update={"models": models, "pipelines": pipelines})
+
+
+def describe_errors(e: ValidationError) -> str:
+    """A pydantic error as `path: message (got value)` parts, for messages that name the bad value."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -141,7 +214,7 @@ def parse_config(data: Any, source: str = "config") -> CollabConfig:
     try:
         return CollabConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from None
+        raise ConfigError(f"{source}: {describe_errors(e)}") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

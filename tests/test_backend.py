@@ -85,6 +85,14 @@ def test_propose_greedy_equals_session_greedy(tiny):
     assert p1.logprobs.shape == (5, 512)
     assert run(tiny.session_tokens(s.session_id)) == prompt + expected
 
+    # propose leaves its last token out of the KV cache; appends and rollbacks after it still match
+    ref = run(tiny.append(run(tiny.open_session(prompt)).session_id, expected, all_positions=True))  # [8, V]
+    run(tiny.rollback(s.session_id, len(prompt) + 6))
+    np.testing.assert_allclose(run(tiny.append(s.session_id, expected[6:], all_positions=True)), ref[6:], atol=1e-4)
+    t = run(tiny.open_session(prompt))
+    assert run(tiny.propose(t.session_id, 4, SamplingParams(temperature=0))).tokens == expected[:4]
+    np.testing.assert_allclose(run(tiny.append(t.session_id, expected[4:6], all_positions=True)), ref[4:6], atol=1e-4)
+
 
 def test_batched_generate_equals_one_by_one(tiny):
     params = SamplingParams(temperature=0, max_tokens=20)
@@ -139,8 +147,15 @@ def test_eos_ends_generation(tiny):
     assert lp.shape == (info.vocab_size,)
 
 
-def test_loglikelihood_equals_plain_forward(tiny):
+LONG = ("The river runs past the old mill and under the stone bridge, where the baker's children fish. " * 4).strip()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "shared-context"])
+def test_loglikelihood_equals_plain_forward(tiny, shared):
     pairs = [("The river runs", " past the old mill"), ("Two plus two is", " four."), ("", "The baker")]
+    if shared:  # a long context with several continuations runs once, the continuations on its cache
+        pairs = [(LONG, c) for c in (" past the old mill", " four.", " A", " the baker's children fish today")] + pairs
+        assert len(tiny.tokenizer.encode(LONG)) >= TransformersBackend.SHARED_CONTEXT_MIN
     results = run(tiny.loglikelihood(pairs))
     for (ctx, cont), res in zip(pairs, results):
         ctx_ids = tiny.tokenizer.encode(ctx) if ctx else [tiny.tokenizer.bos_token_id]

@@ -133,3 +133,20 @@ def test_eval_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "r.svg").read_text().startswith("<svg")
     with pytest.raises(ConfigError, match="not JSON"):
         eval_cli.pipelines_from_args({}, ["fuse:{oops"])
+
+
+def test_eval_cli_scores_pipelines_of_a_config(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    data = write(tmp_path, CHOICE)
+    args = parser.parse_args(["eval", "deploy/tiny.yaml", "--pipelines", "target,draft,fuse,cascade", "--dataset", str(data), "--output", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["pipelines"]) == ["target", "draft", "fuse", "cascade"]
+    assert all(len(p["correct"]) == 3 for p in saved["pipelines"].values())
+    with pytest.raises(ConfigError, match="'nope' not in deploy/tiny.yaml"):
+        eval_cli.pipelines_from_config("deploy/tiny.yaml", ["fuse", "nope"])
+    for bad in (["eval", "deploy/tiny.yaml", "--model", "tiny:llama-bpe", "--dataset", str(data)], ["eval", "--pipelines", "fuse", "--model", "tiny:llama-bpe", "--dataset", str(data)]):
+        with pytest.raises(ConfigError):
+            args = parser.parse_args(bad)
+            args.func(args)

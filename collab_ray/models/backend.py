@@ -25,6 +25,14 @@ from collab_ray.models.loader import load
 from collab_ray.models.sessions import Session, SessionStore
 
 
+def _score(logits: torch.Tensor, cont: list[int]) -> LoglikelihoodResult:
+    """logits [len(cont), V], row t predicting cont[t] -> summed log-prob and whether cont is greedy."""
+    rows = log_softmax(logits)
+    target = torch.tensor(cont, device=rows.device)
+    picked = rows.gather(-1, target[:, None])[:, 0]
+    return LoglikelihoodResult(float(picked.sum()), len(cont), bool((rows.argmax(-1) == target).all()))
+
+
 def to_logprobs(logprobs: torch.Tensor, top_k: int | None) -> LogProbs:
     """[..., V] float log-probs -> float32 numpy, or TopK [..., k] when `top_k` is set."""
     if top_k:
@@ -193,12 +201,31 @@ class TransformersBackend:
     async def loglikelihood(self, requests: Sequence[tuple[Prompt, Prompt]]) -> list[LoglikelihoodResult]:
         return await self._run(self.loglikelihood_sync, requests)
 
+    SHARED_CONTEXT_MIN = 64  # context tokens from which several continuations share one pass over it
+
     def loglikelihood_sync(self, requests: Sequence[tuple[Prompt, Prompt]]) -> list[LoglikelihoodResult]:
+        """Pairs with a long context in common (the choices of a multiple-choice item) run the
+        context once and the continuations on its KV cache; the rest run in padded batches."""
         pairs = [self._split(ctx, cont) for ctx, cont in requests]
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        out: list[LoglikelihoodResult | None] = [None] * len(pairs)
         size = self.config.max_batch_size
-        out: list[LoglikelihoodResult] = []
-        for start in range(0, len(pairs), size):
-            out += self._loglikelihood_batch(pairs[start : start + size])
+        rest = []
+        for ctx, index in by_context.items():
+            if len(index) > 1 and len(ctx) >= self.SHARED_CONTEXT_MIN:
+                for start in range(0, len(index), size):
+                    chunk = index[start : start + size]
+                    for i, result in zip(chunk, self._loglikelihood_shared(list(ctx), [pairs[i][1] for i in chunk])):
+                        out[i] = result
+            else:
+                rest += index
+        rest.sort()
+        for start in range(0, len(rest), size):
+            chunk = rest[start : start + size]
+            for i, result in zip(chunk, self._loglikelihood_batch([pairs[i] for i in chunk])):
+                out[i] = result
         return out
 
     def _split(self, context: Prompt, continuation: Prompt) -> tuple[list[int], list[int]]:
@@ -226,23 +253,48 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _loglikelihood_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[LoglikelihoodResult]:
-        """One right-padded forward; sum log P(cont_t | ctx, cont_<t) over the continuation."""
+        """One left-padded forward; sum log P(cont_t | ctx, cont_<t) over the continuation.
+
+        Left padding lines every continuation up at the right end, so the head runs on the last
+        max(len(cont)) + 1 positions only: with Gemma's 262k vocabulary the full [B, L, V] logits
+        would cost more than the model itself.
+        """
         seqs = [ctx + cont for ctx, cont in pairs]
         B, L = len(seqs), max(map(len, seqs))
+        keep = max(len(cont) for _, cont in pairs) + 1
         input_ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
         for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        out = []
-        for i, (ctx, cont) in enumerate(pairs):
-            rows = log_softmax(logits[i, len(ctx) - 1 : len(ctx) + len(cont) - 1])  # [len(cont), V]
-            target = torch.tensor(cont, device=rows.device)
-            picked = rows.gather(-1, target[:, None])[:, 0]
-            greedy = bool((rows.argmax(-1) == target).all())
-            out.append(LoglikelihoodResult(float(picked.sum()), len(cont), greedy))
-        return out
+            input_ids[i, L - len(s) :] = torch.tensor(s)
+            mask[i, L - len(s) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device), logits_to_keep=keep,
+        ).logits  # [B, keep, V]: positions L-keep .. L-1
+        return [_score(logits[i, keep - 1 - len(cont) : keep - 1], cont) for i, (_, cont) in enumerate(pairs)]
+
+    @torch.inference_mode()
+    def _loglikelihood_shared(self, ctx: list[int], conts: list[list[int]]) -> list[LoglikelihoodResult]:
+        """The context once (batch 1), then every continuation but its last token on copies of its cache."""
+        cache = DynamicCache()
+        first = self._forward(ctx, cache, all_positions=False)[-1:]  # [1, V]: each continuation's first token
+        B, M = len(conts), max(map(len, conts)) - 1
+        if M == 0:
+            return [_score(first, cont) for cont in conts]
+        cache.batch_repeat_interleave(B)
+        input_ids = torch.full((B, M), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, len(ctx) + M), dtype=torch.long)
+        mask[:, : len(ctx)] = 1
+        for j, cont in enumerate(conts):  # right-padded: padding comes after every real token
+            input_ids[j, : len(cont) - 1] = torch.tensor(cont[:-1])
+            mask[j, len(ctx) : len(ctx) + len(cont) - 1] = 1
+        positions = (len(ctx) + torch.arange(M)).expand(B, M)
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device), past_key_values=cache,
+        ).logits  # [B, M, V]
+        return [_score(torch.cat([first, logits[j, : len(cont) - 1]]), cont) for j, cont in enumerate(conts)]
 
     # ---- decode sessions ------------------------------------------------------------------
     async def open_session(
@@ -271,7 +323,7 @@ class TransformersBackend:
         s = self.sessions.get(session_id)
         ids = self._check_ids(token_ids, "appended tokens")
         self._check_context(len(s.tokens) + len(ids), f"session {session_id!r}")
-        logits = self._forward(ids, s.cache, all_positions)
+        logits = self._feed(s, ids, all_positions)
         s.tokens += ids
         s.last_logits = logits[-1]
         return to_logprobs(log_softmax(logits if all_positions else logits[-1]), top_k)
@@ -289,20 +341,29 @@ class TransformersBackend:
             s.generator = make_generator(params.seed, self.device)
         logits = self._last_logits(s)
         tokens, dists = [], []
-        for _ in range(k):
+        for i in range(k):
             q = process_logits(logits, params)  # [V]
             x = sample(q, params, s.generator)
             tokens.append(x)
             dists.append(q)
-            logits = self._forward([x], s.cache, all_positions=False)[-1]
+            if i < k - 1:  # the last token is fed lazily (see Session.cached): often it is rolled back
+                logits = self._forward([x], s.cache, all_positions=False)[-1]
         s.tokens += tokens
-        s.last_logits = logits
+        s.last_logits = None
         return Proposal(tokens, to_logprobs(torch.stack(dists), top_k))
 
-    def _last_logits(self, s: Session) -> torch.Tensor:
-        if s.last_logits is None:  # after a rollback: re-feed the last token
+    def _feed(self, s: Session, ids: list[int], all_positions: bool) -> torch.Tensor:
+        """Feed `ids` after the session's tokens, with any tokens the cache lags behind in front;
+        logits [len(ids), V] for `ids`' positions (or [1, V], the last only)."""
+        if not ids and s.cached == len(s.tokens):  # logits of the last token asked for again: re-feed it
             s.cache.crop(-1)
-            s.last_logits = self._forward(s.tokens[-1:], s.cache, all_positions=False)[-1]
+        lag = s.tokens[s.cached :]
+        logits = self._forward(lag + ids, s.cache, all_positions)
+        return logits[len(lag) :] if all_positions else logits
+
+    def _last_logits(self, s: Session) -> torch.Tensor:
+        if s.last_logits is None:  # after a rollback or a propose
+            s.last_logits = self._feed(s, [], all_positions=False)[-1]
         return s.last_logits
 
     async def rollback(self, session_id: str, length: int) -> None:
@@ -313,7 +374,7 @@ class TransformersBackend:
         if not 1 <= length <= len(s.tokens):
             raise ValueError(f"rollback length {length} outside [1, {len(s.tokens)}] for session {session_id!r}")
         if length < len(s.tokens):
-            s.cache.crop(length - len(s.tokens))
+            s.cache.crop(min(length - s.cached, 0))  # a negative count: tokens removed from the end
             del s.tokens[length:]
             s.last_logits = None
 

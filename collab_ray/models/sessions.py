@@ -12,11 +12,17 @@ from collab_ray.core.errors import SessionNotFound
 
 @dataclass
 class Session:
-    tokens: list[int]  # every token fed so far; the KV cache covers all of them
+    tokens: list[int]  # the session's tokens; the KV cache covers a prefix of them (see `cached`)
     cache: Any  # transformers DynamicCache
-    last_logits: Any  # [V] logits after `tokens`, or None after a rollback (recomputed on demand)
+    last_logits: Any  # [V] logits after `tokens`, or None (after a rollback or `propose`: computed on demand)
     generator: Any = None  # torch.Generator of `propose`, seeded on first use
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the KV cache. `propose` leaves its last token out of it: that forward pass is
+        only needed if the token is kept, and the next call feeds it together with its own tokens."""
+        return self.cache.get_seq_length()
 
 
 class SessionStore:

@@ -26,10 +26,7 @@ class Coordinator:
     def __init__(self, config: CollabConfig, backends: dict[str, ModelBackend]):
         self.config = config
         self.backends = backends
-        self.pipelines = {
-            name: Pipeline(pipe.strategy, {role: backends[m] for role, m in config.roles(name).items()}, pipe.params)
-            for name, pipe in config.all_pipelines().items()
-        }
+        self.pipelines = {name: config.build_pipeline(name, backends) for name in config.all_pipelines()}
 
     def pipeline(self, name: str) -> Pipeline:
         if name not in self.pipelines:
