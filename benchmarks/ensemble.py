@@ -85,9 +85,15 @@ async def bench(models: dict, dataset: Dataset, gen_items: int, vote_samples: in
     conf = np.stack([runs[m].confidence for m in models], 1)
     correct = np.stack([runs[m].correct for m in models], 1)
     halves = [list(range(0, n, 2)), list(range(1, n, 2))]
-    cascade_parts, route_parts, fitted = [], [], []
+    cascade_parts, route_parts, fuse_parts, fitted = [], [], [], []
     for k, test in enumerate(halves):
         fit = halves[1 - k]
+        if not short:  # weighted fusion: the large model's weight picked on the other half
+            fuse_w = {float(w): Pipeline("fuse", both, {"weights": [1 - w, w]}) for w in np.linspace(0, 1, 11).round(2)}
+            dev = {w: (await score_pipeline("fuse", f, subset(dataset, fit))).accuracy.value for w, f in fuse_w.items()}
+            w = max(dev, key=dev.get)
+            fuse_parts.append((test, await score_pipeline("fuse", fuse_w[w], subset(dataset, test))))
+            fitted.append({"fuse_large_weight": w, "fuse_dev_accuracy": dev[w]})
         point = calibrate(conf[fit], correct[fit], target_accuracy=float(correct[fit, 1].mean()))
         cascade = Pipeline("cascade", both, {"thresholds": point.thresholds})
         cascade_parts.append((test, await score_pipeline("cascade", cascade, subset(dataset, test))))
@@ -96,6 +102,9 @@ async def bench(models: dict, dataset: Dataset, gen_items: int, vote_samples: in
         route = Pipeline("route", both, {"router": str(workdir / f"{dataset.name}-router-{k}.npz")})
         route_parts.append((test, await score_pipeline("route", route, subset(dataset, test))))
         fitted.append({"cascade_thresholds": point.thresholds, "cascade_dev_accuracy": point.accuracy, "router_threshold": router.threshold})
+    if fuse_parts:
+        weights = "/".join(f"{f['fuse_large_weight']:.1f}" for f in fitted if "fuse_large_weight" in f)
+        scores["fuse-fit"] = merged(f"fuse (weights fit per half; {LARGE} weight {weights})", fuse_parts, n)
     scores["cascade"] = merged("cascade (fit: large model's accuracy)", cascade_parts, n)
     scores["route"] = merged("route (MiniLM ridge, fit: 50% to large)", route_parts, n)
     for key, label in (("cascade", "cascade"), ("route", "route")):

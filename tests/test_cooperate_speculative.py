@@ -74,9 +74,10 @@ def test_sampled_acceptance_reproduces_the_target_distribution():
 
 def test_acceptance_functions_on_edge_cases():
     p = torch.log_softmax(torch.tensor([[0.0, 5.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 3.0]]), -1)
-    assert greedy_accept(p, [1, 0]) == (2, 2)  # all accepted, bonus = argmax of the last row
-    assert greedy_accept(p, [1, 2]) == (1, 0)  # rejected at 1, corrected to the target's argmax
-    assert greedy_accept(p[:1], []) == (0, 1)
+    best = p.argmax(-1).tolist()  # [1, 0, 2]
+    assert greedy_accept(best, [1, 0]) == (2, 2)  # all accepted, bonus = argmax of the last row
+    assert greedy_accept(best, [1, 2]) == (1, 0)  # rejected at 1, corrected to the target's argmax
+    assert greedy_accept(best[:1], []) == (0, 1)
     # a one-hot q (deterministic proposal) on a token the target cannot produce is always rejected
     q = torch.full((1, 3), float("-inf"))
     q[0, 0] = 0.0

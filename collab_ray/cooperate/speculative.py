@@ -38,13 +38,12 @@ from collab_ray.core.session import Session
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 
 
-def greedy_accept(target_logprobs: torch.Tensor, tokens: Sequence[int]) -> tuple[int, int]:
+def greedy_accept(best: Sequence[int], tokens: Sequence[int]) -> tuple[int, int]:
     """Longest prefix of `tokens` equal to the target's argmax, and the target's next token.
 
-    target_logprobs [k+1, V]: row i is the target's distribution of draft token i, row k after all.
-    Returns (n accepted, argmax of row n) — a correction when n < k, the bonus token when n = k.
+    best [k+1]: the target's argmax at draft token i's position, best[k] after all k.
+    Returns (n accepted, best[n]) — a correction when n < k, the bonus token when n = k.
     """
-    best = target_logprobs.argmax(dim=-1).tolist()  # [k+1]
     n = 0
     while n < len(tokens) and tokens[n] == best[n]:
         n += 1
@@ -102,9 +101,10 @@ class SharedDrafter:
         self.prompt = prompt
 
     async def propose(self, out: list[int], k: int, params: SamplingParams) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts and their distributions q [k, V] (None when greedy: acceptance needs no q)."""
         await self.session.sync(self.prompt + out)
-        proposal = await self.session.propose(k, params)
-        return list(proposal.tokens), torch.tensor(np.asarray(proposal.logprobs))
+        proposal = await self.session.propose(k, params, top_k=1 if params.greedy else None)
+        return list(proposal.tokens), None if params.greedy else torch.tensor(np.asarray(proposal.logprobs))
 
 
 class TextDrafter:
@@ -170,11 +170,14 @@ class Speculative(Strategy):
                     drafter.propose(out, min(k, output.limit - len(out)), params),
                 )
                 feed = out[-1:] + tokens  # the pending token, then the drafts
-                rows = torch.tensor(await verifier.append(feed, all_positions=True)) if feed else first[:0]
-                rows = rows if out else torch.cat([first, rows])  # [len(tokens) + 1, V]
-                if params.greedy:
-                    n, nxt = greedy_accept(rows, tokens)
+                if params.greedy:  # the target's argmax per position is all greedy acceptance needs
+                    best = [int(first[0].argmax())] if not out else []
+                    if feed:
+                        best += (await verifier.append(feed, all_positions=True, top_k=1)).ids[:, 0].tolist()
+                    n, nxt = greedy_accept(best, tokens)
                 else:
+                    rows = torch.tensor(await verifier.append(feed, all_positions=True)) if feed else first[:0]
+                    rows = rows if out else torch.cat([first, rows])  # [len(tokens) + 1, V]
                     if q is None:  # deterministic proposals: q is one-hot on each token
                         q = torch.full((len(tokens), rows.shape[-1]), float("-inf"))
                         q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 0.0

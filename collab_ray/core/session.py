@@ -15,7 +15,7 @@ import numpy as np
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import SessionNotFound
 from collab_ray.core.sampling import SamplingParams
-from collab_ray.core.types import Proposal
+from collab_ray.core.types import LogProbs, Proposal
 
 
 class Session:
@@ -50,17 +50,18 @@ class Session:
             await self._replay()
             return await getattr(self.backend, method)(self.session_id, *args, **kwargs)
 
-    async def append(self, token_ids: Sequence[int], *, all_positions: bool = False) -> np.ndarray:
-        """Feed tokens; next-token log-probs after each ([n, V]) or after the last ([V])."""
+    async def append(self, token_ids: Sequence[int], *, all_positions: bool = False, top_k: int | None = None) -> LogProbs:
+        """Feed tokens; next-token log-probs after each ([n, V]) or after the last ([V]); only the
+        k best of each row with `top_k` (less to ship from a remote model; `last` is then None)."""
         token_ids = [int(t) for t in token_ids]
-        out = await self._call("append", token_ids, all_positions=all_positions)
+        out = await self._call("append", token_ids, all_positions=all_positions, top_k=top_k)
         self.tokens += token_ids
-        self.last = out[-1] if all_positions else out
+        self.last = None if top_k else out[-1] if all_positions else out
         return out
 
-    async def propose(self, k: int, params: SamplingParams) -> Proposal:
+    async def propose(self, k: int, params: SamplingParams, *, top_k: int | None = None) -> Proposal:
         """Draft k tokens (appended to the session) with the sampling distribution of each."""
-        proposal = await self._call("propose", k, params)
+        proposal = await self._call("propose", k, params, top_k=top_k)
         self.tokens += [int(t) for t in proposal.tokens]
         self.last = None
         return proposal

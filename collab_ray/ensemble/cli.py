@@ -10,15 +10,20 @@ from dataclasses import asdict
 from collab_ray.eval.datasets import load
 
 
-def _models(sources: list[str]) -> dict:
+def _models(specs: list[str]) -> dict:
+    """`--model` entries, `SOURCE` or `NAME=SOURCE` (NAME: the model's name in the collaboration config)."""
     from collab_ray.models.backend import TransformersBackend
 
-    return {s: TransformersBackend(s) for s in sources}
+    models = {}
+    for spec in specs:
+        name, _, source = spec.rpartition("=")
+        models[name or source] = TransformersBackend(source)
+    return models
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="benchmark name (arc_easy, sciq, triviaqa, …) or a JSONL file")
-    p.add_argument("--model", action="append", required=True, help="model source, repeated, cheapest first")
+    p.add_argument("--model", action="append", required=True, help="SOURCE or NAME=SOURCE (NAME as in the config's pipeline), repeated, cheapest first")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items")
 
 

@@ -35,8 +35,8 @@ def _score(logits: torch.Tensor, cont: list[int]) -> LoglikelihoodResult:
 
 def to_logprobs(logprobs: torch.Tensor, top_k: int | None) -> LogProbs:
     """[..., V] float log-probs -> float32 numpy, or TopK [..., k] when `top_k` is set."""
-    if top_k:
-        values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
+    if top_k:  # k = 1 by max: on ties it picks the first index, as greedy sampling's argmax does
+        values, ids = logprobs.max(-1, keepdim=True) if top_k == 1 else torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
         return TopK(ids.cpu().numpy().astype(np.int64), values.float().cpu().numpy())
     return logprobs.float().cpu().numpy()
 
