@@ -72,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from collab_ray.ensemble.cli import register as register_ensemble
     from collab_ray.eval.cli import register as register_eval
+    from collab_ray.jobs.cli import register as register_jobs
     from collab_ray.merge.cli import register as register_merge
+    from collab_ray.tuning.cli import register as register_tuning
 
     register_merge(sub)
+    register_tuning(sub)
     register_ensemble(sub)
     register_eval(sub)
+    register_jobs(sub)
     return parser
 
 

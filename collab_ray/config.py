@@ -227,4 +227,9 @@ def load_config(path: str | Path) -> CollabConfig:
         raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    return parse_config(data, str(path))
+    config = parse_config(data, str(path))
+    for pipe in config.pipelines.values():  # a router file named relative to the YAML (as deploy/demo.yaml does)
+        router = (pipe.params or {}).get("router") if pipe.strategy == "route" else None
+        if router and not Path(router).is_absolute() and (path.parent / router).is_file():
+            pipe.params["router"] = str((path.parent / router).resolve())
+    return config

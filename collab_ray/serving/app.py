@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from collab_ray.config import CollabConfig, ModelDeployment, load_config, parse_config
+from collab_ray.core.strategy import Request, StrategyResult
 from collab_ray.serving.coordinator import Coordinator
 from collab_ray.serving.handle_backend import ServeBackend
 from collab_ray.serving.model_server import ModelServer
@@ -41,33 +42,29 @@ class IngressServer:
     def __serve_build_asgi_app__(self):
         return create_app(self.coordinator, self.api_key)
 
+    async def run_pipeline(self, pipeline: str, request: Request) -> StrategyResult:
+        """One request of pipeline `pipeline`, through a deployment handle (batch jobs: serving/client.py)."""
+        limit = self.config.server.max_tokens_limit
+        if request.params.max_tokens > limit:
+            raise ValueError(f"max_tokens {request.params.max_tokens} exceeds this server's limit of {limit}")
+        (result,) = await self.coordinator.run(pipeline, request)
+        return result
+
 
 def model_deployment(name: str, model: ModelDeployment):
     """`serve.deployment` options of one model from its config."""
     actor = {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus}
     if model.accelerator_type:
         actor["accelerator_type"] = model.accelerator_type
-    options = dict(
+    return serve.deployment(ModelServer).options(
         name=f"model-{name}",
         ray_actor_options=actor,
         max_ongoing_requests=model.max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER),
         health_check_period_s=10,
         health_check_timeout_s=60,
+        **model.serve_scaling(),
     )
-    if model.autoscaling:
-        a = model.autoscaling
-        options["autoscaling_config"] = {
-            "min_replicas": a.min_replicas,
-            "max_replicas": a.max_replicas,
-            "initial_replicas": max(a.min_replicas, 1),
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s,
-            "downscale_delay_s": a.downscale_delay_s,
-        }
-    else:
-        options["num_replicas"] = model.replicas
-    return serve.deployment(ModelServer).options(**options)
 
 
 def build_app(config: CollabConfig | str | Path | dict):
@@ -79,9 +76,9 @@ def build_app(config: CollabConfig | str | Path | dict):
     models = {name: model_deployment(name, m).bind(m.model_dump()) for name, m in config.models.items()}
     ingress = serve.deployment(serve.ingress()(IngressServer)).options(
         name="ingress",
-        num_replicas=config.server.replicas,
         ray_actor_options={"num_cpus": config.server.num_cpus},
-        max_ongoing_requests=1024,
+        max_ongoing_requests=config.server.max_ongoing_requests,
+        **config.server.serve_scaling(),
     )
     return ingress.bind(config.model_dump(), models)
 
@@ -93,20 +90,28 @@ def app_builder(args: dict):
     return build_app(args["config"])
 
 
-def start(config: CollabConfig, port: int | None = None, host: str | None = None, quiet: bool = False) -> str:
-    """Connect to (or start) Ray, start Serve's HTTP proxy and run the app; returns the base URL.
+def init_ray(config: CollabConfig, quiet: bool = False) -> None:
+    """Connect to the Ray cluster (RAY_ADDRESS, or the one a `ray job` runs in), or start a local one.
 
+    A local Ray is sized in logical CPUs so every replica of `config` fits on a small machine;
     `quiet` keeps the replicas' logs out of this process's output.
     """
     import ray
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=not quiet)
-        else:  # a local Ray sized in logical CPUs so every replica fits on a small machine
-            need = sum(m.num_cpus * (m.autoscaling.max_replicas if m.autoscaling else m.replicas) for m in config.models.values())
-            cpus = max(os.cpu_count() or 1, int(need + config.server.num_cpus * config.server.replicas) + 1)
-            ray.init(num_cpus=cpus, log_to_driver=not quiet)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=not quiet)
+    else:
+        deployments = [*config.models.values(), config.server]
+        need = sum(d.num_cpus * d.most_replicas for d in deployments)
+        cpus = max(os.cpu_count() or 1, int(need) + 1)
+        ray.init(num_cpus=cpus, log_to_driver=not quiet)
+
+
+def start(config: CollabConfig, port: int | None = None, host: str | None = None, quiet: bool = False) -> str:
+    """Connect to (or start) Ray, start Serve's HTTP proxy and run the app; returns the base URL."""
+    init_ray(config, quiet)
     host = host or config.server.host
     port = port or config.server.port
     serve.start(http_options={"host": host, "port": port})
