@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import threading
 import time
 import uuid
 
@@ -51,7 +52,7 @@ class Recompute:
     """A backend whose sessions keep no KV cache: every step runs the whole sequence again, under
     a lock shared by all models, so they run one after the other (no-cache sequential fusion)."""
 
-    def __init__(self, inner: TransformersBackend, lock: asyncio.Lock):
+    def __init__(self, inner: TransformersBackend, lock: threading.Lock):
         self.inner = inner
         self.lock = lock
         self.sequences: dict[str, list[int]] = {}
@@ -74,12 +75,11 @@ class Recompute:
 
     async def _next(self, session_id: str, top_k):
         def forward():
-            with torch.inference_mode():
+            with self.lock, torch.inference_mode():
                 logits = self.inner._forward(self.sequences[session_id], DynamicCache(), all_positions=False)[-1]
                 return to_logprobs(log_softmax(logits), top_k)
 
-        async with self.lock:
-            return await asyncio.to_thread(forward)
+        return await asyncio.to_thread(forward)
 
 
 def main() -> None:
@@ -105,7 +105,7 @@ def main() -> None:
     )
     torch.set_num_threads(1)  # in-process rows: one core per model, as the deployments
     local = {name: TransformersBackend(source, name=name) for name, source in MODELS.items()}
-    lock = asyncio.Lock()
+    lock = threading.Lock()
     cached = Pipeline("fuse", local, FUSE)
     recompute = Pipeline("fuse", {n: Recompute(b, lock) for n, b in local.items()}, FUSE)
     prompts = PROMPTS[: args.prompts]
