@@ -11,7 +11,7 @@ import ctypes
 import logging
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,9 +53,20 @@ def merge(
     return Path(out_dir)
 
 
-def merge_to_state_dict(config: ConfigLike, *, device: str = "cpu", seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
-    """The merged tensors as a state dict (on CPU), without writing anything (for coefficient search)."""
-    plan = build_plan(load_config(config))
+def merge_to_state_dict(
+    config: ConfigLike,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    open_model: Callable[[str], ModelFiles] = ModelFiles,
+) -> dict[str, torch.Tensor]:
+    """The merged tensors as a state dict (on CPU), without writing anything (for coefficient search).
+
+    `open_model` maps a model reference to its tensors: by default read from disk; coefficient
+    search passes weights it already holds in memory.
+    """
+    plan = build_plan(load_config(config), open_model)
     return dict(iter_merged(plan, device=device, seed=seed, progress=progress))
 
 

@@ -11,6 +11,7 @@ sources of the first slice, the others (final norm, lm_head) from those of the l
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +55,14 @@ class MergePlan:
     cast: torch.dtype | None = None  # `dtype`: inputs are cast to it before merging
 
 
-def build_plan(config: MergeConfig) -> MergePlan:
+def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = ModelFiles) -> MergePlan:
+    """The jobs of `config`; `open_model` maps a model reference to its tensors (default: read from disk)."""
     method = get_method(config.merge_method)
     files: dict[str, ModelFiles] = {}
 
     def model(ref: str) -> ModelFiles:
         if ref not in files:
-            files[ref] = ModelFiles(ref)
+            files[ref] = open_model(ref)
         return files[ref]
 
     slices = _normalized_slices(config, model)
