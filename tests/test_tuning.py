@@ -100,6 +100,14 @@ def test_spec_errors_name_the_path_and_value(overrides, message):
         load_spec(spec_dict(**overrides))
 
 
+def test_a_merge_every_trial_would_fail_is_an_error_before_the_search():
+    from collab_ray.tuning.runner import run_search
+
+    spec = load_spec(spec_dict(merge_method="ties", search={"density": {"low": 0.2, "high": 1.0}}))  # no weight
+    with pytest.raises(ConfigError, match="merge of a search point fails: missing required parameter 'weight'"):
+        run_search(spec, "/nonexistent/never-written")
+
+
 def test_optuna_searcher_missing_is_a_clear_error():
     from collab_ray.tuning.runner import _searcher
 
@@ -118,11 +126,15 @@ def test_optuna_searcher_missing_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def ray_connected(ray_cluster):
+    """The driver connected to the session's cluster; disconnected after this module only if it connected here."""
     import ray
 
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         ray.init(address=ray_cluster.address, log_to_driver=False)
-    return ray_cluster
+    yield ray_cluster
+    if connected_here:
+        ray.shutdown()
 
 
 def test_search_writes_outputs_and_best_rescores(ray_connected, tmp_path):
@@ -167,7 +179,7 @@ def _failing_spec(tmp_path: Path) -> Path:
         base_model=None,
         search={"weight": {"values": [0.5, 1.0, 0.0, 1.5]}},
         searcher={"kind": "grid"},
-        num_samples=1,
+        num_samples=None,  # a grid's default: each point once
         max_concurrent_trials=1,
     )
     path = tmp_path / "failing.yaml"

@@ -24,11 +24,11 @@ import yaml
 from collab_ray.core.errors import ConfigError
 from collab_ray.tuning.evaluate import ValidationData, load_validation
 from collab_ray.tuning.plot import objective_svg, params_svg
-from collab_ray.tuning.space import merge_config, param_space, search_keys
+from collab_ray.tuning.space import grid_values, merge_config, param_space, search_keys
 from collab_ray.tuning.spec import TuneSpec, load_spec, resolve_models
 
 METRIC = "objective"
-KEPT = ("items", "merge_s", "eval_s", "time_total_s", "timestamp", "pid")  # Tune's fields kept besides the metrics
+KEPT = ("items", "merge_s", "eval_s", "finished_at", "time_total_s", "pid")  # reported fields kept besides the metrics
 
 
 @dataclass
@@ -64,11 +64,25 @@ def run_search(
 ) -> SearchOutcome:
     """Run (or with `resume`, continue) the search of `spec`; write the outputs under `output`."""
     spec = resolve_models(spec if isinstance(spec, TuneSpec) else load_spec(spec))
+    _check_merge(spec)
     output = Path(output).resolve()
     _check_output(spec, output, resume)
     tuner = _tuner(spec, output, resume, verbose)
     results = sorted(tuner.fit(), key=_trial_id)  # trial ids count up in creation order
     return write_outputs(spec, [_row(i, r, spec) for i, r in enumerate(results)], output, save_model)
+
+
+def _check_merge(spec: TuneSpec) -> None:
+    """Plan the merge of one point (no tensor is read) so that a config every trial would fail on (a required
+    parameter missing, shapes that differ, …) is an error before the search starts."""
+    from collab_ray.merge.config import load_config
+    from collab_ray.merge.plan import build_plan
+
+    point = {str(k): grid_values(spec.search[k.param], 2)[0] for k in search_keys(spec)}
+    try:
+        build_plan(load_config(merge_config(spec, point)))
+    except ConfigError as e:
+        raise ConfigError(f"tune spec {spec.name!r}: the merge of a search point fails: {e}") from None
 
 
 def _check_output(spec: TuneSpec, output: Path, resume: bool) -> None:
@@ -126,7 +140,7 @@ def _tuner(spec: TuneSpec, output: Path, resume: bool, verbose: int):
         mode="max",
         search_alg=_searcher(spec),
         scheduler=_scheduler(spec),
-        num_samples=spec.num_samples,
+        num_samples=spec.samples,
         max_concurrent_trials=spec.max_concurrent_trials if spec.searcher.kind == "optuna" else None,
         reuse_actors=True,
     )

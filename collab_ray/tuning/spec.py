@@ -135,7 +135,7 @@ class TuneSpec(_Strict):
         "(ASHA's rungs); the last is the full evaluation."
     )
     objective: list[Validation] = Field(min_length=1, description="Validation sets; objective = Σ weight · metric, maximized.")
-    num_samples: int = Field(16, ge=1, description="Trials (grid: repetitions of the whole grid).")
+    num_samples: int | None = Field(None, ge=1, description="Trials (default 16); grid: repetitions of the whole grid (default 1).")
     max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
     resources: Resources = Field(default_factory=Resources, description="Resources per trial.")
     max_failures: int = Field(0, ge=0, description="Retries of a failing trial; after them it is recorded as failed.")
@@ -143,6 +143,11 @@ class TuneSpec(_Strict):
         "object_store", description="object_store: input weights are put once into Ray's object store and read zero-copy "
         "by every trial; disk: each trial re-reads the checkpoints (for comparison)."
     )
+
+    @property
+    def samples(self) -> int:
+        """num_samples, or its default: one pass over a grid, 16 random or optuna points."""
+        return self.num_samples or (1 if self.searcher.kind == "grid" else 16)
 
     @field_validator("eval_items")
     @classmethod

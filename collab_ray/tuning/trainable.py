@@ -48,4 +48,5 @@ class MergeTrial(tune.Trainable):
         metrics = score_rung(self.model, self.tokenizer, self.sets, self.spec, self.iteration, self.tally)
         self.eval_s += time.perf_counter() - start
         last = self.iteration + 1 == len(self.spec.eval_items)
-        return {**metrics, "items": self.spec.eval_items[self.iteration], "merge_s": self.merge_s, "eval_s": self.eval_s, "done": last}
+        timings = {"merge_s": self.merge_s, "eval_s": self.eval_s, "finished_at": time.time()}
+        return {**metrics, "items": self.spec.eval_items[self.iteration], **timings, "done": last}
