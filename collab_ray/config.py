@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
+from collab_ray.core.files import describe_errors, read_yaml, validate
 from collab_ray.core.pipeline import Pipeline
 from collab_ray.core.strategy import get_strategy
 from collab_ray.models.config import ModelConfig
@@ -196,38 +196,15 @@ class CollabConfig(BaseModel):
         return self.model_copy(update={"models": models, "pipelines": pipelines})
 
 
-def describe_errors(e: ValidationError) -> str:
-    """A pydantic error as `path: message (got value)` parts, for messages that name the bad value."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-        value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        parts.append(f"{loc}: {msg}{value}" if loc else f"{msg}{value}")
-    return "; ".join(parts)
-
-
 def parse_config(data: Any, source: str = "config") -> CollabConfig:
     """Validate a config mapping; errors name `source`, the path inside it and the bad value."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with models/pipelines/server, got {type(data).__name__}")
-    try:
-        return CollabConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {describe_errors(e)}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    return validate(CollabConfig, data, source, expected="a mapping with models/pipelines/server")
 
 
 def load_config(path: str | Path) -> CollabConfig:
+    """The config in the YAML file at `path`; a route pipeline's router file may be named relative to it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    config = parse_config(data, str(path))
+    config = parse_config(read_yaml(path, "config"), str(path))
     for pipe in config.pipelines.values():  # a router file named relative to the YAML (as deploy/demo.yaml does)
         router = (pipe.params or {}).get("router") if pipe.strategy == "route" else None
         if router and not Path(router).is_absolute() and (path.parent / router).is_file():

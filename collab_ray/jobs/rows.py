@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from collab_ray.config import describe_errors
 from collab_ray.core.errors import CollabError
+from collab_ray.core.files import describe_errors
 from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.strategy import Request, StrategyResult
 

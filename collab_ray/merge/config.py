@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from collab_ray.core.errors import ConfigError
+from collab_ray.core.files import describe_error, parse_yaml, read_yaml, validate
 from collab_ray.merge.methods import REQUIRED, Param, get_method
 
 Scalar = Union[bool, int, float, str]
@@ -152,31 +153,18 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         return source
     where = "merge config"
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"merge config {str(path)!r}: no such file")
-        where, source = str(path), path.read_text(encoding="utf-8")
-    if isinstance(source, str):
-        try:
-            source = yaml.safe_load(source)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from None
-    if not isinstance(source, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(source).__name__}")
-    try:
-        return MergeConfig.model_validate(source)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        where, source = str(Path(source)), read_yaml(source, where)
+    elif isinstance(source, str):
+        source = parse_yaml(source, where)
+    return validate(MergeConfig, source, where, describe=_describe)
 
 
-def _describe(err: dict) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    key = str(err["loc"][-1]) if err["loc"] else ""
-    if err["type"] == "extra_forbidden":
-        return f"{path}: {UNSUPPORTED.get(key, 'unsupported key')} (key {key!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    return f"{path}: {msg}" if isinstance(value, (dict, list)) else f"{path}: {msg} (got {value!r})"
+def _describe(err: ErrorDetails) -> str:
+    """A pydantic error; a key mergekit has and collab_ray lacks is named with the reason."""
+    if err["type"] != "extra_forbidden":
+        return describe_error(err)
+    key = str(err["loc"][-1])
+    return f"{'.'.join(str(p) for p in err['loc'])}: {UNSUPPORTED.get(key, 'unsupported key')} (key {key!r})"
 
 
 # ------------------------------------------------------------------------ per-tensor evaluation

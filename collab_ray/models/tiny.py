@@ -127,23 +127,11 @@ def _train_sentencepiece_style(spec: TinySpec, lines: list[str]):
 def _train_model(spec: TinySpec, tokenizer):
     """A llama model fitted for `train_steps` Adam steps to next-token prediction on the corpus."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(spec.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.hidden * 2,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    model = new_llama(
+        tokenizer, seed=spec.seed, hidden=spec.hidden, layers=spec.layers, heads=spec.heads, kv_heads=spec.kv_heads,
+        max_positions=512,
     )
-    model = LlamaForCausalLM(config)
     ids = torch.tensor(tokenizer(corpus())["input_ids"])  # one long stream
     seq, batch = 48, 16
     gen = torch.Generator().manual_seed(spec.seed)
@@ -159,3 +147,25 @@ def _train_model(spec: TinySpec, tokenizer):
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def new_llama(tokenizer, *, seed: int, hidden: int, layers: int, heads: int, kv_heads: int, max_positions: int):
+    """An untrained llama model over `tokenizer` (seeded; FFN 2·hidden wide, untied embeddings)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from collab_ray.core.errors import ConfigError
 from collab_ray.models.cache import building, cache_root
+from collab_ray.models.tiny import new_llama
 
 BUILD_VERSION = 2  # bump when the recipe code changes: cached checkpoints are rebuilt
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -148,7 +149,10 @@ def checkpoint(recipe: str, name: str) -> Path:
     if not (root / "base" / "config.json").is_file():
         with building(root / "base") as tmp, _one_thread():
             tokenizer = _tokenizer()
-            model = _new_model(spec, tokenizer)
+            model = new_llama(
+                tokenizer, seed=spec.seed, hidden=spec.hidden, layers=spec.layers, heads=spec.heads, kv_heads=spec.heads,
+                max_positions=64,
+            )
             _train(model, tokenizer, None, spec.base_steps, spec.base_lr, spec)
             _save(model, tokenizer, tmp)
     if name != "base" and not (root / name / "config.json").is_file():
@@ -185,27 +189,6 @@ def _tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character a token
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-
-
-def _new_model(spec: Recipe, tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(spec.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=2 * spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 def _train(model, tokenizer, focus: str | None, steps: int, lr: float, spec: Recipe) -> None:

@@ -29,11 +29,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from collab_ray.config import describe_errors
-from collab_ray.core.errors import ConfigError
+from collab_ray.core.files import read_yaml, validate
 from collab_ray.merge.methods import get_method
 
 Scalar = Union[bool, int, float, str]
@@ -178,21 +176,10 @@ class TuneSpec(_Strict):
 
 def load_spec(source: str | Path | dict) -> TuneSpec:
     """A TuneSpec from a YAML file or a mapping; errors name the file, the YAML path and the bad value."""
-    where = "tune spec"
-    if not isinstance(source, dict):
-        path = Path(source)
-        try:
-            where, source = str(path), yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read tune spec {str(path)!r}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(source, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(source).__name__}")
-    try:
-        return TuneSpec.model_validate(source)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {describe_errors(e)}") from None
+    if isinstance(source, dict):
+        return validate(TuneSpec, source, "tune spec")
+    path = Path(source)
+    return validate(TuneSpec, read_yaml(path, "tune spec"), str(path))
 
 
 def resolve_models(spec: TuneSpec) -> TuneSpec:
