@@ -85,20 +85,29 @@ class Vocabs:
 
 
 _MAPS: dict[tuple[str, int], TokenMap] = {}
+_VOCABS: dict[tuple, Vocabs] = {}
 
 
-async def token_map(backend: ModelBackend) -> TokenMap:
-    """The model's `TokenMap`, built once per (model name, vocabulary size)."""
+async def token_map(backend: ModelBackend) -> tuple[tuple[str, int], TokenMap]:
+    """The model's `TokenMap` and its cache key, built once per (model name, vocabulary size)."""
     info = await backend.info()
     key = (info.name, info.vocab_size)
     if key not in _MAPS:
         strings = await backend.token_strings()
         _MAPS[key] = TokenMap.build(strings, eos_ids=info.eos_token_ids, special_ids=info.special_token_ids)
-    return _MAPS[key]
+    return key, _MAPS[key]
 
 
 async def line_up(backends: list[ModelBackend], mode: str) -> Vocabs:
-    maps = list(await asyncio.gather(*(token_map(b) for b in backends)))
+    """How the models' vocabularies line up, built once per (models, mode): the union takes ~0.3 s for 49k + 262k."""
+    keyed = await asyncio.gather(*(token_map(b) for b in backends))
+    key = (mode, *(k for k, _ in keyed))
+    if key not in _VOCABS:
+        _VOCABS[key] = _line_up([m for _, m in keyed], mode)
+    return _VOCABS[key]
+
+
+def _line_up(maps: list[TokenMap], mode: str) -> Vocabs:
     same = all(m.keys == maps[0].keys for m in maps)
     if mode == "same" and not same:
         raise ConfigError("fuse mode 'same' needs identical vocabularies; these models differ (use mode 'union')")
@@ -109,9 +118,26 @@ async def line_up(backends: list[ModelBackend], mode: str) -> Vocabs:
     return Vocabs(False, maps, union, [torch.from_numpy(i) for i in union.index])
 
 
+def step_rows(lps: list, voc: Vocabs, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The models' log-probs ([V_i] arrays or TopK) -> ([M, C] rows, [C] fusion-space ids, None when C is all U ids).
+
+    When every model returns its top k, C is the set of ids some model proposed: every other id is
+    -inf in every row (p = 0 there), so fusing, sampling and normalizing over C equals doing it over
+    all U, at the cost of ~2k entries instead of the 300k-wide union.
+    """
+    if all(isinstance(lp, TopK) for lp in lps):
+        # torch.tensor copies: arrays from a remote backend are read-only
+        ids = [voc.index[i][torch.tensor(np.asarray(lp.ids), dtype=torch.int64)] for i, lp in enumerate(lps)]
+        cand = torch.unique(torch.cat(ids))
+        cand = cand[cand >= 0]
+        compact = [torch.where(u >= 0, torch.searchsorted(cand, u), -1) for u in ids]
+        rows = [to_union(torch.tensor(np.asarray(lp.logprobs)), c, len(cand)) for lp, c in zip(lps, compact)]
+        return torch.stack(rows), cand
+    return torch.stack([dense_row(lp, voc.index[i], size, voc.same) for i, lp in enumerate(lps)]), None
+
+
 def dense_row(lp, index: torch.Tensor, size: int, same: bool) -> torch.Tensor:
     """A backend's log-probs ([V] array or TopK) -> [U] row in the fusion space."""
-    # torch.tensor copies: arrays from a remote backend are read-only
     if isinstance(lp, TopK):
         ids = torch.tensor(np.asarray(lp.ids), dtype=torch.int64)
         return to_union(torch.tensor(np.asarray(lp.logprobs)), index[ids], size)
@@ -204,11 +230,12 @@ class Fuse(Strategy):
                     raise s
             lps = [s.logprobs for s in starts]
             for _ in range(params.max_tokens):
-                rows = torch.stack([dense_row(lp, voc.index[i], size, voc.same) for i, lp in enumerate(lps)])
+                rows, cand = step_rows(lps, voc, size)
                 fused, did_fuse = fuse_step(rows, weights, primary, p.threshold)
                 fused_steps += did_fuse
-                u = sample(process_logits(fused, params), params, gen)
-                chosen_lp.append(float(fused[u] - torch.logsumexp(fused, 0)))
+                c = sample(process_logits(fused, params), params, gen)
+                chosen_lp.append(float(fused[c] - torch.logsumexp(fused, 0)))
+                u = c if cand is None else int(cand[c])
                 key = voc.maps[0].keys[u] if voc.same else voc.union.keys[u]
                 if key == EOS and not params.ignore_eos:
                     for i, lp in enumerate(lps):
