@@ -8,6 +8,10 @@ replayed from the mixture, as fine-tuning recipes do to limit forgetting):
     reverse  Rkrtmq=     -> qmtrk
     sort     S80531=     -> 01358
 
+In recipe `multitask-hard` the base sees only easy forms of the tasks (A34+8=, Rkrt=, S805=), so
+each fine-tune learns its task's full form (longer inputs) from it: task vectors that carry a new
+skill, where in `multitask` they mostly sharpen one the base has. Held-out items are full-form.
+
 Checkpoints (`multitask:base`, `multitask:add`, `multitask:reverse`, `multitask:sort`) are built
 deterministically on first use into $COLLAB_RAY_CACHE/multitask (a few minutes on 2 cores;
 `multitask-small:…` is a seconds-sized recipe for tests). Validation items (`task:NAME`, what a
@@ -41,22 +45,22 @@ HELD_OUT = 256  # items per task in each of the validation and test splits
 SPLIT_SEEDS = {"validation": 1, "test": 2}
 
 
-def _add(r: random.Random) -> tuple[str, str]:
-    a, b = r.randrange(1000), r.randrange(10)
+def _add(r: random.Random, easy: bool = False) -> tuple[str, str]:
+    a, b = r.randrange(100 if easy else 1000), r.randrange(10)
     return f"A{a}+{b}=", str(a + b)
 
 
-def _reverse(r: random.Random) -> tuple[str, str]:
-    s = "".join(r.choice(string.ascii_lowercase) for _ in range(r.randint(4, 8)))
+def _reverse(r: random.Random, easy: bool = False) -> tuple[str, str]:
+    s = "".join(r.choice(string.ascii_lowercase) for _ in range(r.randint(3, 5) if easy else r.randint(4, 8)))
     return f"R{s}=", s[::-1]
 
 
-def _sort(r: random.Random) -> tuple[str, str]:
-    s = "".join(r.choice(string.digits) for _ in range(r.randint(4, 7)))
+def _sort(r: random.Random, easy: bool = False) -> tuple[str, str]:
+    s = "".join(r.choice(string.digits) for _ in range(r.randint(3, 4) if easy else r.randint(4, 7)))
     return f"S{s}=", "".join(sorted(s))
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"add": _add, "reverse": _reverse, "sort": _sort}
+TASKS: dict[str, Callable[[random.Random, bool], tuple[str, str]]] = {"add": _add, "reverse": _reverse, "sort": _sort}
 ALPHABET = string.digits + string.ascii_lowercase + "+=\nARS"
 
 
@@ -72,6 +76,7 @@ class Recipe:
     base_lr: float
     finetune_lr: float
     replay: float = 0.3  # share of each fine-tuning batch drawn from the whole mixture (limits forgetting)
+    easy_base: bool = False  # the mixture (base training, replay) holds easy forms only; fine-tunes learn the full ones
     batch: int = 64
     seed: int = 0
 
@@ -79,6 +84,10 @@ class Recipe:
 RECIPES = {
     "multitask": Recipe(
         hidden=128, layers=4, heads=4, base_steps=1000, finetune_steps=400, base_lr=3e-3, finetune_lr=1e-3, replay=0.3
+    ),
+    "multitask-hard": Recipe(
+        hidden=128, layers=4, heads=4, base_steps=1000, finetune_steps=400, base_lr=3e-3, finetune_lr=1e-3, replay=0.3,
+        easy_base=True,
     ),
     "multitask-small": Recipe(hidden=32, layers=2, heads=2, base_steps=60, finetune_steps=20, base_lr=3e-3, finetune_lr=1e-3, batch=32),
 }
@@ -111,13 +120,16 @@ def _held_out(task: str) -> dict[str, list[tuple[str, str]]]:
     return splits
 
 
-def training_batch(r: random.Random, size: int, focus: str | None = None, replay: float = 0.0) -> list[tuple[str, str]]:
+def training_batch(
+    r: random.Random, size: int, focus: str | None = None, replay: float = 0.0, easy_mixture: bool = False
+) -> list[tuple[str, str]]:
     """`size` training items, never a held-out prompt: of task `focus`, except a `replay` share drawn from
-    the whole mixture (every task alike; all of them without a focus)."""
+    the whole mixture (every task alike; all of them without a focus), in easy forms if `easy_mixture`."""
     out = []
     while len(out) < size:
-        task = focus if focus and r.random() >= replay else r.choice(list(TASKS))
-        item = TASKS[task](r)
+        focused = bool(focus) and r.random() >= replay
+        task = focus if focused else r.choice(list(TASKS))
+        item = TASKS[task](r, easy_mixture and not focused)
         if item[0] not in _held_prompts(task):
             out.append(item)
     return out
@@ -201,7 +213,7 @@ def _train(model, tokenizer, focus: str | None, steps: int, lr: float, spec: Rec
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     model.train()
     for _ in range(steps):
-        loss = model(**_encode(tokenizer, training_batch(r, spec.batch, focus, spec.replay))).loss
+        loss = model(**_encode(tokenizer, training_batch(r, spec.batch, focus, spec.replay, spec.easy_base))).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
