@@ -4,9 +4,11 @@ placeholders, the remote (large) model answers the generic prompt, and the local
 specifics back into the answer (the survey's "federated cooperation"; Guo et al. 2023,
 "Federated Prompting and Chain-of-Thought Reasoning"; Mireshghallah et al. 2023, on PII leakage).
 
-Names: a capitalized word inside a sentence is a name; a sentence's first word is one when the
-local model finds it surprising (mean −log p per token above `name_surprisal`), so common openers
-such as "The" or "Please" stay. What was sent remotely is in `meta["sent_remote"]`.
+Names: a capitalized word inside a sentence is a name. A sentence's first word is one when it
+comes right before a name ("Bob Miller"), or when the local model, reading it mid-sentence, prefers
+it capitalized: log p(" Alice") − log p(" alice") after a neutral context is above `name_margin`
+(an LM truecasing test; SmolLM2-135M gives names +4.6 to +12 and openers such as "What",
+"Please", "Answer" −3 to −7). What was sent remotely is in `meta["sent_remote"]`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PATTERNS = {  # kind -> regex, matched in this order; earlier kinds win overlaps
 }
 WORD = re.compile(r"\b[A-Z][\w'\-]*[A-Za-z]")
 SENTENCE_START = re.compile(r"(?:^|[.!?:;\n]\s*|[\"(]\s*)$")
+NAME_CONTEXT = "They talked about it, and"  # a mid-sentence spot where any word, name or not, may follow
 PLACEHOLDER = re.compile(r"\[?\b(EMAIL|URL|NUMBER|NAME|PRIVATE)_(\d+)\b\]?")
 
 
@@ -83,8 +86,10 @@ def restore(text: str, table: dict[str, str]) -> str:
 class FederatedParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name_surprisal: float = Field(
-        6.0, ge=0.0, description="A sentence's first capitalized word is masked as a name when the local model's mean −log p per token exceeds this."
+    name_margin: float = Field(
+        0.0,
+        description="A sentence's first capitalized word is masked as a name when the local model, mid-sentence, "
+        "prefers it capitalized over lowercased by more than this many nats.",
     )
     private_terms: list[str] = Field(default_factory=list, description="Strings always masked (account names, project code names, ...).")
 
@@ -99,9 +104,14 @@ class Federated(Strategy):
         """Private spans of `text`: rules, plus names — sentence-initial ones judged by the local model."""
         spans = find_spans(text, [t for t in self.params.private_terms if t])
         inside, starts = name_candidates(text, spans)
-        if starts:
-            scored = await local.loglikelihood([(text[:s], text[s:e]) for s, e in starts])
-            inside += [w for w, r in zip(starts, scored) if -r.logprob / r.num_tokens > self.params.name_surprisal]
+        before_name = [(s, e) for s, e in starts if any(re.fullmatch(r"\s+", text[e:a]) for a, _ in inside)]
+        rest = [w for w in starts if w not in before_name]
+        if rest:
+            words = [" " + text[s:e] for s, e in rest]
+            scored = await local.loglikelihood([(NAME_CONTEXT, w) for w in words] + [(NAME_CONTEXT, w.lower()) for w in words])
+            cased, lower = scored[: len(rest)], scored[len(rest) :]
+            rest = [w for w, c, low in zip(rest, cased, lower) if c.logprob - low.logprob > self.params.name_margin]
+        inside += before_name + rest
         return sorted(spans + [(s, e, "NAME") for s, e in inside])
 
     async def run(self, models: dict[str, ModelBackend], request: Request, emit: Emit | None = None) -> StrategyResult:
