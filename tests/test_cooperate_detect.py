@@ -102,3 +102,12 @@ def test_federated_never_sends_a_private_span(backends, chat):
 def test_restore_puts_the_specifics_back():
     table = {"[NAME_1]": "Alice", "[EMAIL_1]": "a@b.org"}
     assert restore("Dear [NAME_1], write to EMAIL_1 or [NAME_2].", table) == "Dear Alice, write to a@b.org or [NAME_2]."
+
+
+@pytest.mark.real
+def test_federated_truecasing_masks_names_not_sentence_openers(smollm2):
+    from collab_ray.cooperate.federated import Federated
+
+    text = "What is the capital of France? Answer in one sentence. Alice wants it. Please send it to Priya."
+    found = {text[s:e] for s, e, kind in run(Federated().find(smollm2, text)) if kind == "NAME"}
+    assert found == {"France", "Alice", "Priya"}
