@@ -171,13 +171,17 @@ def test_search_writes_outputs_and_best_rescores(ray_connected, tmp_path):
     assert rescored["objective"] == pytest.approx(outcome.best.metrics["objective"], abs=1e-6)
 
 
+GRID = [0.5, 1.0, 0.0, 1.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3, 1.4]
+
+
 def _failing_spec(tmp_path: Path) -> Path:
-    """A normalized linear merge over a grid of one global weight; at weight 0 (a sum of 0) the merge is non-finite."""
+    """A normalized linear merge over a grid of one global weight; at weight 0 (a sum of 0) the merge is non-finite.
+    Twelve points, one at a time: enough that an interrupt after the first finished trial lands mid-search."""
     spec = spec_dict(
         name="failing",
         merge_method="linear",
         base_model=None,
-        search={"weight": {"values": [0.5, 1.0, 0.0, 1.5]}},
+        search={"weight": {"values": GRID}},
         searcher={"kind": "grid"},
         num_samples=None,  # a grid's default: each point once
         max_concurrent_trials=1,
@@ -204,8 +208,8 @@ def test_failed_trial_is_recorded_and_resume_keeps_finished_trials(ray_connected
     assert unfinished, log
 
     outcome = run_search(load_spec(spec_path), out, resume=True, verbose=0)
-    assert [t.point["weight"] for t in outcome.trials] == [0.5, 1.0, 0.0, 1.5], log  # each grid point once
-    assert [t.status for t in outcome.trials] == ["complete", "complete", "error", "complete"], log
+    assert [t.point["weight"] for t in outcome.trials] == GRID, log  # each grid point once
+    assert [t.status for t in outcome.trials] == ["error" if w == 0.0 else "complete" for w in GRID], log
     assert "non-finite" in outcome.trials[2].error
     assert all(p.read_text() == text for p, text in before.items())  # finished trials were not run again
     assert json.loads((out / "summary.json").read_text())["error"] == 1
