@@ -6,10 +6,11 @@ experiment, built on first use) on the session's Ray cluster.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -197,15 +198,16 @@ def test_failed_trial_is_recorded_and_resume_keeps_finished_trials(ray_connected
     spec_path = _failing_spec(tmp_path)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_connected.address}
-    cmd = [sys.executable, "-m", "collab_ray.cli", "tune-merge", str(spec_path), "--output", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "collab_ray.cli", "tune-merge", str(spec_path), "--output", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    finished = _wait_for_finished_trials(out / "tune", 1, proc)
-    before = {p: p.read_text() for p in finished}
+    lines = _read_until(proc, re.compile(r"Trial MergeTrial_\w+ completed"))  # Tune's progress report
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
-    log = proc.communicate(timeout=120)[0]
+    log = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "interrupted: continue with --resume" in log, log
-    unfinished = [row for row in (out / "trials.csv").read_text().splitlines()[1:] if ",pending," in row or ",stopped," in row]
-    assert unfinished, log
+    before = {p: p.read_text() for p in (out / "tune").glob("*/result.json") if '"done": true' in p.read_text()}
+    assert before, log
+    interrupted = json.loads((out / "summary.json").read_text())
+    assert interrupted["planned"] == len(GRID) and interrupted["complete"] + interrupted["error"] < len(GRID), log
 
     outcome = run_search(load_spec(spec_path), out, resume=True, verbose=0)
     assert [t.point["weight"] for t in outcome.trials] == GRID, log  # each grid point once
@@ -215,15 +217,17 @@ def test_failed_trial_is_recorded_and_resume_keeps_finished_trials(ray_connected
     assert json.loads((out / "summary.json").read_text())["error"] == 1
 
 
-def _wait_for_finished_trials(tune_dir: Path, count: int, proc, timeout_s: float = 180) -> list[Path]:
-    """Result files of trials that reported their last step, once at least `count` did."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = [p for p in tune_dir.glob("*/result.json") if '"done": true' in p.read_text()]
-        if len(done) >= count:
-            return done
-        if proc.poll() is not None:
-            raise AssertionError(f"the search ended before it could be interrupted:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"fewer than {count} trials finished in {timeout_s} s")
+def _read_until(proc, pattern: re.Pattern, timeout_s: float = 180) -> list[str]:
+    """The process's output lines up to the first matching one (the result files of a running
+    search cannot tell: Tune syncs them to the output directory in bursts)."""
+    lines: list[str] = []
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if pattern.search(line):
+                return lines
+    finally:
+        timer.cancel()
+    raise AssertionError("the search ended (or timed out) before it could be interrupted:\n" + "".join(lines))

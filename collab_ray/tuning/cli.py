@@ -30,8 +30,8 @@ def run_tune_merge(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     output = Path(args.output or Path("runs") / "tune" / spec.name)
     outcome = run_search(spec, output, resume=args.resume, save_model=args.save_model, verbose=0 if args.quiet else 1)
-    print(f"{len(outcome.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in outcome.counts.items()))
-    if outcome.counts["pending"]:
+    print(f"{len(outcome.trials)} of {outcome.planned} trials: " + ", ".join(f"{n} {s}" for s, n in outcome.counts.items()))
+    if outcome.interrupted:
         print(f"interrupted: continue with --resume --output {output}")
     if outcome.best is None:
         print(f"no trial completed; see {output / 'trials.csv'}")

@@ -24,7 +24,13 @@ import yaml
 from collab_ray.core.errors import ConfigError
 from collab_ray.tuning.evaluate import ValidationData, load_validation
 from collab_ray.tuning.plot import objective_svg, params_svg
-from collab_ray.tuning.space import grid_values, merge_config, param_space, search_keys
+from collab_ray.tuning.space import (
+    grid_values,
+    merge_config,
+    param_space,
+    planned_trials,
+    search_keys,
+)
 from collab_ray.tuning.spec import TuneSpec, load_spec, resolve_models
 
 METRIC = "objective"
@@ -52,6 +58,12 @@ class SearchOutcome:
     best: TrialRow | None
     best_config: dict | None
     output: Path
+    planned: int  # trials of the whole search
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped before every planned trial ran (a searcher may not have created the later ones yet)."""
+        return self.counts["pending"] > 0 or len(self.trials) < self.planned
 
     @property
     def counts(self) -> dict[str, int]:
@@ -197,8 +209,8 @@ def write_outputs(spec: TuneSpec, trials: list[TrialRow], output: Path, save_mod
     _write_csv(trials, output / "trials.csv")
     objective_svg(trials, spec.name, output / "objective.svg")
     params_svg(trials, [str(k) for k in search_keys(spec)], spec.name, output / "params.svg")
-    outcome = SearchOutcome(trials, best, best_config, output)
-    summary = {"spec": spec.name, "trials": len(trials), **outcome.counts, "best": None}
+    outcome = SearchOutcome(trials, best, best_config, output, planned_trials(spec))
+    summary = {"spec": spec.name, "trials": len(trials), "planned": outcome.planned, **outcome.counts, "best": None}
     if best is not None:
         header = f"# best of {len(trials)} trials of {spec.name!r}: objective {best.metrics[METRIC]:.4f} on {best.metrics['items']} items per set\n"
         (output / "best.yaml").write_text(header + yaml.safe_dump(best_config, sort_keys=False))

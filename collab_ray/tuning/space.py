@@ -85,6 +85,13 @@ def grid_values(p: SearchParam, points: int) -> list:
     return [round(float(v), 6) for v in grid]
 
 
+def planned_trials(spec: TuneSpec) -> int:
+    """Trials the search makes when it runs to the end: num_samples, times the grid's size for a grid."""
+    if spec.searcher.kind != "grid":
+        return spec.samples
+    return spec.samples * int(np.prod([len(grid_values(spec.search[k.param], spec.searcher.grid_points)) for k in search_keys(spec)]))
+
+
 def param_space(spec: TuneSpec) -> dict[str, Any]:
     """The Tune search space: one domain per key (grid_search for the grid searcher)."""
     from ray import tune
