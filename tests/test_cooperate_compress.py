@@ -70,3 +70,11 @@ def test_windowed_surprisal_equals_a_forward_pass_within_the_first_window(backen
     windowed = run(token_surprisal(backend, ids, window=64, chunk=16))  # 3 windows, 16 tokens of overlap
     np.testing.assert_allclose(windowed[:63], expected[:63], atol=1e-4)
     assert windowed.shape == expected.shape and np.isfinite(windowed).all()
+
+
+def test_a_prompt_shorter_than_min_tokens_is_sent_unchanged(backends):
+    models = backends(compressor="tiny:llama-bpe-small", target="tiny:llama-bpe")
+    request = Request(messages=[{"role": "user", "content": "What is the capital of France?"}], params=SamplingParams(max_tokens=4))
+    result = run(Pipeline("compress", models, {"ratio": 0.4}).run(request))
+    assert result.meta["compressed_prompt"] == "What is the capital of France?"
+    assert result.meta["compression"]["skipped"] and result.meta["compression"]["achieved_ratio"] == 1.0

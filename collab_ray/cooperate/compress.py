@@ -5,7 +5,9 @@ most surprising (informative) ones, then the large model answers the shorter pro
 The prompt is cut into segments at blank lines. The first `keep_first` segments (the instruction)
 and the last `keep_last` (the question) are kept whole; the remaining budget is spread over the
 other segments in proportion to their length, and each keeps its highest-surprisal tokens.
-Prompts longer than the small model's context are scored in windows (`token_surprisal`).
+Prompts longer than the small model's context are scored in windows (`token_surprisal`). Prompts
+shorter than `min_tokens` go to the large model unchanged: a short one is all question, and pruning
+it would lose the question while saving almost nothing.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class CompressParams(BaseModel):
     keep_first: int = Field(1, ge=0, description="Leading blank-line-separated segments kept whole (the instruction).")
     keep_last: int = Field(1, ge=0, description="Trailing segments kept whole (the question).")
     window: int = Field(512, ge=16, le=32768, description="Tokens per scoring window of the compressor (capped by its context).")
+    min_tokens: int = Field(64, ge=0, description="Prompts shorter than this (compressor tokens) are sent unchanged.")
 
 
 @register
@@ -114,7 +117,12 @@ class Compress(Strategy):
     async def run(self, models: dict[str, ModelBackend], request: Request, emit: Emit | None = None) -> StrategyResult:
         p: CompressParams = self.params
         compressor, target = models["compressor"], models["target"]
-        c = await compress_text(compressor, user_text(request), p.ratio, p.keep_first, p.keep_last, p.window)
+        text = user_text(request)
+        n = len(await compressor.encode(text, add_special_tokens=False))
+        if n < p.min_tokens:
+            c = Compression(text, n, n)
+        else:
+            c = await compress_text(compressor, text, p.ratio, p.keep_first, p.keep_last, p.window)
         (gen,) = await target.generate([await render_prompt(target, with_user_text(request, c.text))], request.params)
         return await answer(
             gen,
@@ -126,6 +134,7 @@ class Compress(Strategy):
                     "achieved_ratio": c.ratio,
                     "original_tokens": c.original_tokens,
                     "compressed_tokens": c.compressed_tokens,
+                    "skipped": n < p.min_tokens,
                 },
                 "compressed_prompt": c.text,
             },
