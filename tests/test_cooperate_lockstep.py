@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import local_backend, run
 
+from collab_ray.cooperate.proxy import proxy_scores
 from collab_ray.core import ConfigError, SamplingParams
 from collab_ray.core.pipeline import Pipeline
 from collab_ray.core.strategy import Request
-from conftest import local_backend, run
 
 PROMPTS = ["The river runs", "In the morning the baker"]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
@@ -77,6 +78,16 @@ def test_proxy_with_alpha_zero_is_base_greedy(backends):
     models = backends(base="tiny:llama-bpe", expert="tiny:llama-bpe-small", antiexpert="tiny:llama-bpe")
     for prompt in PROMPTS:
         assert strategy("proxy", models, prompt, alpha=0.0).token_ids == greedy_ids(models["base"], prompt)
+        # plausibility 1 leaves only the base's argmax, whatever the offset
+        assert strategy("proxy", models, prompt, alpha=5.0, plausibility=1.0).token_ids == greedy_ids(models["base"], prompt)
+
+
+def test_proxy_plausibility_masks_what_the_base_finds_implausible():
+    base = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    expert, anti = torch.log(torch.tensor([0.1, 0.1, 0.8])), torch.log(torch.tensor([0.8, 0.1, 0.1]))
+    assert int(proxy_scores(base, expert, anti, 1.0).argmax()) == 2  # the offset promotes the base's least likely token
+    masked = proxy_scores(base, expert, anti, 1.0, plausibility=0.4)  # p ≥ 0.24: tokens 0 and 1
+    assert torch.isinf(masked[2]) and int(masked.argmax()) == 1
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -4,13 +4,12 @@ Generation as Optimization"; the β form of O'Brien & Lewis 2023)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.cooperate.lockstep import run_lockstep
 from collab_ray.core.backend import ModelBackend
+from collab_ray.core.sampling import plausible
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 
 
@@ -19,8 +18,7 @@ def contrastive_scores(expert: torch.Tensor, amateur: torch.Tensor, alpha: float
 
     expert, amateur: [V] log-probs -> [V] scores.
     """
-    plausible = expert >= expert.max() + math.log(alpha)
-    return ((1 + beta) * expert - beta * amateur).masked_fill(~plausible, float("-inf"))
+    return ((1 + beta) * expert - beta * amateur).masked_fill(~plausible(expert, alpha), float("-inf"))
 
 
 class ContrastiveParams(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,6 +42,12 @@ class SamplingParams(BaseModel):
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] logits -> [..., V] float32 log-probs."""
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def plausible(logprobs: torch.Tensor, tau: float) -> torch.Tensor:
+    """[..., V] log-probs -> [..., V] bool: p ≥ τ · max p, the adaptive plausibility constraint of
+    contrastive decoding (Li et al. 2023)."""
+    return logprobs >= logprobs.max(dim=-1, keepdim=True).values + math.log(tau)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
