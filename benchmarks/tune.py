@@ -34,6 +34,12 @@ from common import markdown_table, write_results  # noqa: E402
 from collab_ray.tuning.experiment import TASKS, checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SINGLE_ACTOR = (  # what the raylet log of such a run shows
+    "Why: Tune starts a second trial actor, which takes ~6 s (torch and transformers imports on 2 busy cores); "
+    "trials take 0.6 s, so the first actor frees up first, Tune hands the next trial to that cached actor "
+    "(`reuse_actors`) and kills the starting one, and so on for the whole run. Searches whose trials take longer "
+    "than an actor's start-up do not hit this."
+)
 TRIALS = 32
 
 
@@ -97,21 +103,20 @@ def throughput(work: Path, repeats: int) -> dict:
     if serial:
         actors = (
             f"`actors`: trial actors that ran trials. In {serial} of the {repeats + 1} 2-concurrent runs Tune ran every "
-            "trial in one actor, so that run had no parallelism and its speed-up is about 1× (hence the median). The "
-            "cause is not found; the second actor is requested but gets no trial."
+            "trial in one actor, so that run had no parallelism and its speed-up is about 1× (hence the median)."
         )
     else:
         actors = (
             "`actors`: trial actors that ran trials; every 2-concurrent run used both. Earlier runs of this benchmark "
-            "saw one 2-concurrent run in three execute every trial in a single actor, at about 1×. The cause is not "
-            "found; that is why the median over interleaved pairs is reported."
+            "saw one 2-concurrent run in three execute every trial in a single actor, at about 1×; that is why the "
+            "median over interleaved pairs is reported."
         )
     notes = (
         f"Speed-up of 2 concurrent trials over 1: **{speedup:.2f}×** (median of {repeats} interleaved pairs: "
         f"{', '.join(f'{x:.2f}×' for x in speedups)}; target ≥ 1.7×). Shared inputs vs re-read from disk: "
         f"merge {two['merge_s']} s vs {disk['merge_s']} s per trial (2 concurrent); at this model size (0.4 M parameters, "
         "checkpoints in the page cache) the merge is a small part of a trial, so trial times barely differ.\n\n"
-        f"{actors}\n\n"
+        f"{actors} {SINGLE_ACTOR}\n\n"
         f"{TRIALS} task-arithmetic trials of the multi-task experiment's checkpoints (4-layer llama, hidden 128, "
         "0.4 M parameters each), each scoring 3 × 256 validation items; one CPU and one torch thread per trial, "
         "a fresh local Ray instance (2 CPUs) per run. `trials / hour`: from the first trial's start to the last one's "
