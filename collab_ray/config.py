@@ -140,6 +140,11 @@ class ServerConfig(_Scaled):
         1024, ge=1, description="Concurrent pipeline requests per coordinator replica (each mostly waits on models)."
     )
 
+    def check_max_tokens(self, max_tokens: int) -> None:
+        """ValueError when a request asks for more than `max_tokens_limit` new tokens."""
+        if max_tokens > self.max_tokens_limit:
+            raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of {self.max_tokens_limit}")
+
 
 class CollabConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -62,13 +62,17 @@ class Compression:
 
 
 async def compress_text(
-    backend: ModelBackend, text: str, ratio: float, keep_first: int, keep_last: int, window: int, rounds: int = 3
+    backend: ModelBackend, text: str, ratio: float, keep_first: int, keep_last: int, window: int, rounds: int = 3, min_tokens: int = 0
 ) -> Compression:
-    """Prune `text` to about `ratio` of its tokens (as the compressor tokenizes it).
+    """Prune `text` to about `ratio` of its tokens (as the compressor tokenizes it); unchanged when
+    it has fewer than `min_tokens`.
 
     The kept pieces are decoded and re-tokenized, which merges or splits a few tokens; up to
     `rounds` corrections rescale the budget until the re-tokenized ratio is on target.
     """
+    original = len(await backend.encode(text, add_special_tokens=False))
+    if original < min_tokens:
+        return Compression(text, original, original)
     parts = [p for p in re.split(r"(?<=\n\n)", text) if p]
     pieces = [await backend.encode(p, add_special_tokens=False) for p in parts]
     fixed = len(parts) > keep_first + keep_last
@@ -82,7 +86,6 @@ async def compress_text(
     surprisal = await token_surprisal(backend, lead + ids, min(window, info.max_context or window))  # [len(ids)]
     if info.bos_token_id is None:
         surprisal[0] = np.inf  # the first token has no context: always keep it
-    original = len(await backend.encode(text, add_special_tokens=False))
     keep, best = ratio * len(ids), None
     for _ in range(rounds):
         mask = select_tokens(surprisal, bounds, round(keep))
@@ -117,12 +120,7 @@ class Compress(Strategy):
     async def run(self, models: dict[str, ModelBackend], request: Request, emit: Emit | None = None) -> StrategyResult:
         p: CompressParams = self.params
         compressor, target = models["compressor"], models["target"]
-        text = user_text(request)
-        n = len(await compressor.encode(text, add_special_tokens=False))
-        if n < p.min_tokens:
-            c = Compression(text, n, n)
-        else:
-            c = await compress_text(compressor, text, p.ratio, p.keep_first, p.keep_last, p.window)
+        c = await compress_text(compressor, user_text(request), p.ratio, p.keep_first, p.keep_last, p.window, min_tokens=p.min_tokens)
         (gen,) = await target.generate([await render_prompt(target, with_user_text(request, c.text))], request.params)
         return await answer(
             gen,
@@ -134,7 +132,7 @@ class Compress(Strategy):
                     "achieved_ratio": c.ratio,
                     "original_tokens": c.original_tokens,
                     "compressed_tokens": c.compressed_tokens,
-                    "skipped": n < p.min_tokens,
+                    "skipped": c.original_tokens < p.min_tokens,
                 },
                 "compressed_prompt": c.text,
             },

@@ -119,30 +119,22 @@ def _line_up(maps: list[TokenMap], mode: str) -> Vocabs:
 
 
 def step_rows(lps: list, voc: Vocabs, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The models' log-probs ([V_i] arrays or TopK) -> ([M, C] rows, [C] fusion-space ids, None when C is all U ids).
+    """The models' log-probs (all [V_i] arrays, or all TopK) -> ([M, C] rows, [C] fusion-space ids, None when C is all U ids).
 
-    When every model returns its top k, C is the set of ids some model proposed: every other id is
-    -inf in every row (p = 0 there), so fusing, sampling and normalizing over C equals doing it over
-    all U, at the cost of ~2k entries instead of the 300k-wide union.
+    With top k (every model is asked for the same k), C is the set of ids some model proposed: every
+    other id is -inf in every row (p = 0 there), so fusing, sampling and normalizing over C equals
+    doing it over all U, at the cost of ~2k entries instead of the 300k-wide union.
     """
-    if all(isinstance(lp, TopK) for lp in lps):
-        # torch.tensor copies: arrays from a remote backend are read-only
+    # torch.tensor copies: arrays from a remote backend are read-only
+    if isinstance(lps[0], TopK):
         ids = [voc.index[i][torch.tensor(np.asarray(lp.ids), dtype=torch.int64)] for i, lp in enumerate(lps)]
         cand = torch.unique(torch.cat(ids))
         cand = cand[cand >= 0]
         compact = [torch.where(u >= 0, torch.searchsorted(cand, u), -1) for u in ids]
         rows = [to_union(torch.tensor(np.asarray(lp.logprobs)), c, len(cand)) for lp, c in zip(lps, compact)]
         return torch.stack(rows), cand
-    return torch.stack([dense_row(lp, voc.index[i], size, voc.same) for i, lp in enumerate(lps)]), None
-
-
-def dense_row(lp, index: torch.Tensor, size: int, same: bool) -> torch.Tensor:
-    """A backend's log-probs ([V] array or TopK) -> [U] row in the fusion space."""
-    if isinstance(lp, TopK):
-        ids = torch.tensor(np.asarray(lp.ids), dtype=torch.int64)
-        return to_union(torch.tensor(np.asarray(lp.logprobs)), index[ids], size)
-    row = torch.tensor(np.asarray(lp), dtype=torch.float32)
-    return row if same else to_union(row, index, size)
+    rows = [torch.tensor(np.asarray(lp), dtype=torch.float32) for lp in lps]  # [V_i] each
+    return torch.stack(rows if voc.same else [to_union(r, voc.index[i], size) for i, r in enumerate(rows)]), None
 
 
 def own_choice(ids: list[int], lp) -> int:

@@ -44,9 +44,7 @@ class IngressServer:
 
     async def run_pipeline(self, pipeline: str, request: Request) -> StrategyResult:
         """One request of pipeline `pipeline`, through a deployment handle (batch jobs: serving/client.py)."""
-        limit = self.config.server.max_tokens_limit
-        if request.params.max_tokens > limit:
-            raise ValueError(f"max_tokens {request.params.max_tokens} exceeds this server's limit of {limit}")
+        self.config.server.check_max_tokens(request.params.max_tokens)
         (result,) = await self.coordinator.run(pipeline, request)
         return result
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from collab_ray.config import ServerConfig
 from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.strategy import Request, StrategyResult
 from collab_ray.serving.coordinator import Coordinator, PipelineNotFound
@@ -43,10 +44,9 @@ class _Params(BaseModel):
     seed: int | None = Field(None, ge=0, description="Seed for reproducible sampling.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM extension).")
 
-    def sampling(self, default_max: int, limit: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, default_max: int, server: ServerConfig, logprobs: int | None) -> SamplingParams:
         max_tokens = self.max_tokens or self.max_completion_tokens or default_max
-        if max_tokens > limit:
-            raise ValueError(f"max_tokens {max_tokens} exceeds this server's limit of {limit}")
+        server.check_max_tokens(max_tokens)
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             stop=self.stop, seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
@@ -137,7 +137,7 @@ def create_app(coordinator: Coordinator, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         coordinator.pipeline(body.model)
-        params = body.sampling(16, server.max_tokens_limit, body.logprobs)
+        params = body.sampling(16, server, body.logprobs)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream:
             if len(prompts) > 1:
@@ -157,7 +157,7 @@ def create_app(coordinator: Coordinator, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
         coordinator.pipeline(body.model)
-        params = body.sampling(server.max_tokens_limit, server.max_tokens_limit, 0 if body.logprobs else None)
+        params = body.sampling(server.max_tokens_limit, server, 0 if body.logprobs else None)
         request = Request(messages=[m.model_dump() for m in body.messages], params=params)
         if body.stream:
             return _stream(body, request, "chat.completion.chunk")

@@ -79,15 +79,21 @@ def exact_matches(model, tokenizer, pairs: list[tuple[str, list[str]]], max_new_
     return [exact_match(t, answers) for t, (_, answers) in zip(texts, pairs)]
 
 
+PPL_BATCH = 8  # chunks per forward pass in perplexity scoring
+
+
 @torch.inference_mode()
 def score_slice(model, tokenizer, data: ValidationData, lo: int, hi: int) -> tuple[float, int]:
     """(total, count) over items [lo, hi): exact matches and items, or summed NLL and predicted tokens."""
     if data.pairs is not None:
         return float(sum(exact_matches(model, tokenizer, data.pairs[lo:hi], data.spec.max_new_tokens))), hi - lo
-    x = data.chunks[lo:hi].to(model.get_input_embeddings().weight.device)  # [n, L]
-    loss = model(input_ids=x, labels=x).loss  # mean over n·(L−1) predicted tokens
-    count = x.shape[0] * (x.shape[1] - 1)
-    return float(loss) * count, count
+    total, count = 0.0, 0
+    for s in range(lo, hi, PPL_BATCH):  # sub-batches: [n, L, V] float32 logits of a whole slice can be GBs
+        x = data.chunks[s : min(s + PPL_BATCH, hi)].to(model.get_input_embeddings().weight.device)  # [b, L]
+        n = x.shape[0] * (x.shape[1] - 1)  # predicted tokens
+        total += float(model(input_ids=x, labels=x).loss) * n  # the loss is the mean over them
+        count += n
+    return total, count
 
 
 def skeleton(config: dict, device: str):
