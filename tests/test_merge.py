@@ -215,6 +215,99 @@ CONFIGS = {
         merge_method: passthrough
         dtype: float32
     """,
+    "sce": """
+        models:
+          - model: ft0
+          - model: ft1
+          - model: ft2
+        merge_method: sce
+        base_model: base
+        parameters: {select_topk: [0.3, 0.8]}
+        dtype: float32
+    """,
+    "sce_all": """
+        models:
+          - model: ft0
+          - model: ft1
+        merge_method: sce
+        base_model: base
+        parameters: {int8_mask: true}
+    """,
+    "nuslerp": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.3}
+          - model: ft1
+            parameters: {weight: [0.9, 0.2]}
+        merge_method: nuslerp
+        base_model: base
+        dtype: float32
+    """,
+    "nuslerp_rows": """
+        models:
+          - model: ft0
+            parameters: {weight: 1.0}
+          - model: ft2
+            parameters: {weight: 2.0}
+        merge_method: nuslerp
+        parameters: {nuslerp_flatten: false, nuslerp_row_wise: [{filter: mlp, value: true}, {value: false}]}
+    """,
+    "multislerp": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.5}
+          - model: ft1
+            parameters: {weight: 0.3}
+          - model: ft2
+            parameters: {weight: [0.2, 0.6]}
+        merge_method: multislerp
+        base_model: base
+        dtype: float32
+    """,
+    "karcher": """
+        models:
+          - model: ft0
+          - model: ft1
+          - model: ft2
+        merge_method: karcher
+        parameters: {max_iter: 20, tol: 1.0e-6}
+    """,
+    "arcee_fusion": """
+        models:
+          - model: ft1
+        merge_method: arcee_fusion
+        base_model: base
+        dtype: float32
+    """,
+    "nearswap": """
+        slices:
+          - sources:
+              - model: base
+                layer_range: [0, 4]
+              - model: ft0
+                layer_range: [0, 4]
+        merge_method: nearswap
+        base_model: base
+        parameters:
+          t: [{filter: self_attn, value: [0.001, 0.02]}, {value: 0.008}]
+    """,
+    "ram": """
+        models:
+          - model: ft0
+          - model: ft1
+          - model: ft2
+        merge_method: ram
+        base_model: base
+        parameters: {epsilon: 0.008}
+    """,
+    "ramplus_tl": """
+        models:
+          - model: ft0
+          - model: ft1
+        merge_method: ramplus_tl
+        base_model: base
+        parameters: {epsilon: 0.01, r: 0.5, alpha: 0.8}
+    """,
 }
 
 MERGEKIT_RUNNER = """

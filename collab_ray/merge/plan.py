@@ -138,6 +138,10 @@ def _layer_tensors(files: ModelFiles, index: int, ref: str) -> list[tuple[str, s
     return found
 
 
+def _count(lo: int, hi: int | None) -> str:
+    return f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"at most {hi}"
+
+
 class _Planner:
     """Resolves parameters and checks shapes for each output tensor."""
 
@@ -147,15 +151,17 @@ class _Planner:
 
     def check_inputs(self, out_slice: OutputSlice, base: str | None, where: str) -> None:
         refs = [s.model for s in out_slice.sources]
-        if self.method.base == "required":
-            if base is None:
-                raise ConfigError(f"merge_method {self.method.name!r} needs a base_model ({where})")
-            if base not in refs:
-                raise ConfigError(f"{where}: base_model {base!r} is not among the sources {refs}")
+        if self.method.base == "required" and base is None:
+            raise ConfigError(f"merge_method {self.method.name!r} needs a base_model ({where})")
+        if self.method.base != "ignored" and base is not None and base not in refs:
+            raise ConfigError(f"{where}: base_model {base!r} is not among the sources {refs}")
         n, lo, hi = len(refs), self.method.min_inputs, self.method.max_inputs
         if n < lo or (hi is not None and n > hi):
-            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"at most {hi}"
-            raise ConfigError(f"{where}: merge_method {self.method.name!r} takes {want} models (base included), got {n}: {refs}")
+            raise ConfigError(f"{where}: merge_method {self.method.name!r} takes {_count(lo, hi)} models (base included), got {n}: {refs}")
+        others = n - (self.method.base != "ignored" and base in refs)
+        lo, hi = self.method.min_non_base, self.method.max_non_base
+        if others < lo or (hi is not None and others > hi):
+            raise ConfigError(f"{where}: merge_method {self.method.name!r} takes {_count(lo, hi)} models besides the base, got {others}: {refs}")
 
     def add(self, out_name: str, named: list[tuple[InputSlice, str]], slice_and_base, t: float) -> None:
         out_slice, base = slice_and_base
@@ -166,7 +172,7 @@ class _Planner:
                 holders = [s.model for s, n in named if n in self.model(s.model).tensors]
                 raise ConfigError(f"tensor {name!r} is missing from model {source.model!r} (present in {holders})")
             inputs.append(Input(files, name))
-        base_index = next(i for i, (s, _) in enumerate(named) if s.model == base) if self.method.base == "required" else None
+        base_index = next((i for i, (s, _) in enumerate(named) if s.model == base), None) if self.method.base != "ignored" else None
         shape, align = self._shape(out_name, inputs, named, base, base_index)
         dtypes = [i.model.tensors[i.name].dtype for i in inputs]
         promoted = dtypes[0]
