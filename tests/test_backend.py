@@ -10,6 +10,7 @@ import torch
 
 from collab_ray.core import SamplingParams, SessionNotFound, TopK
 from collab_ray.models.backend import TransformersBackend
+from collab_ray.models.engine import SHARED_CONTEXT_MIN
 from conftest import local_backend, run
 
 PROMPTS = ["The river", "A small boat drifts near the shore while", "Two plus two is four. Three plus five"]
@@ -155,7 +156,7 @@ def test_loglikelihood_equals_plain_forward(tiny, shared):
     pairs = [("The river runs", " past the old mill"), ("Two plus two is", " four."), ("", "The baker")]
     if shared:  # a long context with several continuations runs once, the continuations on its cache
         pairs = [(LONG, c) for c in (" past the old mill", " four.", " A", " the baker's children fish today")] + pairs
-        assert len(tiny.tokenizer.encode(LONG)) >= TransformersBackend.SHARED_CONTEXT_MIN
+        assert len(tiny.tokenizer.encode(LONG)) >= SHARED_CONTEXT_MIN
     results = run(tiny.loglikelihood(pairs))
     for (ctx, cont), res in zip(pairs, results):
         ctx_ids = tiny.tokenizer.encode(ctx) if ctx else [tiny.tokenizer.bos_token_id]
@@ -202,11 +203,11 @@ def test_eviction_by_count_and_idle_time():
             run(backend.append(s1, [5]))
         assert err.value.session_id == s1 and s1 in str(err.value)
         run(backend.append(s2, [5]))
-        assert len(backend.sessions) == 2
+        assert backend.stats(fresh=True)["sessions_open"] == 2
         time.sleep(0.4)
         with pytest.raises(SessionNotFound):
             run(backend.propose(s3, 2, SamplingParams(temperature=0)))
-        assert len(backend.sessions) == 0
+        assert backend.stats(fresh=True)["sessions_open"] == 0
         # a caller re-opens under the same id by replaying the tokens
         again = run(backend.open_session(ids + [5], session_id=s2))
         assert again.session_id == s2 and again.length == len(ids) + 1

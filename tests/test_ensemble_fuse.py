@@ -53,8 +53,8 @@ def test_heterogeneous_fusion_with_weights_1_0_is_the_primary_greedy_output(back
 
 def test_heterogeneous_options_topk_threshold_and_chat(backends):
     models = backends(a="tiny:llama-bpe", b="tiny:llama-sp")
-    local = [local_backend("tiny:llama-bpe").sessions, local_backend("tiny:llama-sp").sessions]
-    open_before = [len(s) for s in local]  # other tests may leave sessions in these shared backends
+    local = [local_backend("tiny:llama-bpe"), local_backend("tiny:llama-sp")]
+    open_before = [b.stats(fresh=True)["sessions_open"] for b in local]  # other tests may leave sessions in these shared backends
     request = Request(messages=[{"role": "user", "content": "Tell me about the river."}], params=GREEDY)
     full = run(Pipeline("fuse", models).run(request))
     topk = run(Pipeline("fuse", models, {"top_k": 64}).run(request))
@@ -64,7 +64,7 @@ def test_heterogeneous_options_topk_threshold_and_chat(backends):
     assert sure.token_ids == greedy(models["a"], request).token_ids
     for r in (full, topk, sure):
         assert r.meta["models"]["a"]["calls"] == r.meta["models"]["b"]["calls"]  # stepped together
-    assert [len(s) for s in local] == open_before  # every session this test opened was closed
+    assert [b.stats(fresh=True)["sessions_open"] for b in local] == open_before  # every session this test opened was closed
 
 
 def test_stop_strings_and_bad_weights(backends):

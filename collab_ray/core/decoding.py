@@ -150,8 +150,8 @@ async def open_sessions(prompts: Sequence[tuple[ModelBackend, Sequence[int]]]) -
             if isinstance(s, BaseException):
                 raise s
         yield sessions
-    finally:
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+    finally:  # closing survives the request's cancellation: a dropped stream frees its sessions now
+        await asyncio.shield(asyncio.gather(*(s.close() for s in sessions), return_exceptions=True))
 
 
 _SHARED: dict[tuple, bool] = {}  # (name, vocab size) of two models -> same token strings

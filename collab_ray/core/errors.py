@@ -25,3 +25,11 @@ class SessionNotFound(CollabError, LookupError):
 
     def __str__(self) -> str:
         return f"session {self.session_id!r} not found (evicted, closed or never opened)"
+
+
+class ModelUnavailable(CollabError):
+    """A model could not answer (replica died, overloaded, or timed out): a 503 at the HTTP API."""
+
+
+class ModelAtCapacity(ModelUnavailable):
+    """A model's KV memory or queue is full; the caller may retry later (a 503 that names the model)."""

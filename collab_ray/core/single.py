@@ -35,6 +35,6 @@ class Single(Strategy):
         ids = await backend.encode(prompt)
         output = await output_for(backend, request, len(ids), emit)
         async with open_sessions([(backend, ids)]) as (session,):
-            while not await output.extend((await session.propose(self.params.stream_chunk, request.params)).tokens):
+            while not await output.extend((await session.propose(self.params.stream_chunk, request.params, top_k=1)).tokens):
                 pass
         return output.result(len(ids), meta)

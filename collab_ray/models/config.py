@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+DECODE_MAX = 64  # feeds of at most this many tokens are decode work, never split across engine steps
+
 DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -38,9 +40,33 @@ class ModelConfig(BaseModel):
         description="Keep only the first N decoder layers: an early-exit copy of the model, a cheap "
         "same-vocabulary draft or amateur (self-speculative decoding, LayerSkip, Elhoushi et al. 2024).",
     )
-    max_sessions: int = Field(64, ge=1, description="Live decode sessions kept; the least recently used is evicted.")
-    session_ttl_s: float = Field(600.0, gt=0, description="Seconds an idle session lives before eviction.")
-    max_batch_size: int = Field(32, ge=1, description="Most prompts per forward pass in generate/loglikelihood.")
+    max_sessions: int = Field(
+        1024, ge=1, description="Most live decode sessions per replica; past it the least recently used idle one is evicted."
+    )
+    session_ttl_s: float = Field(
+        60.0, gt=0, description="Lease of a decode session: seconds it lives without a call before the engine frees it."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, description="Most sequences in one engine step (generation rows, scoring items and session work together)."
+    )
+    max_step_tokens: int | None = Field(
+        None,
+        ge=DECODE_MAX,
+        description="Tokens one engine step may feed: decode work first, then chunks of long prompts. Smaller keeps "
+        "decode latency steady beside long prompts, larger prefills faster. Default: 128 on CPU, 2048 on GPU.",
+    )
+    kv_budget_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache tokens a replica may hold (sessions and running work). Default: 80% of the GPU memory "
+        "free after loading, or a quarter of the available RAM on CPU. Work that does not fit waits, then gets a 503.",
+    )
+    max_queue: int = Field(1024, ge=0, description="Calls that may wait for KV memory; past it a call fails at once (503).")
+    queue_timeout_s: float = Field(30.0, gt=0, description="Seconds a call may wait for KV memory before it fails (503).")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt or session accepted, checked before any model work; default the model's context."
+    )
+    max_items_per_call: int = Field(4096, ge=1, description="Most prompts or scoring items in one generate/loglikelihood call.")
 
     @field_validator("device")
     @classmethod

@@ -1,62 +1,130 @@
 """`ServeBackend`: the `ModelBackend` protocol over a Ray Serve `DeploymentHandle`.
 
 The same strategy code that runs on in-process backends runs across deployments through this.
-Session calls carry the session id as the routing key (consistent-hash router: a session sticks to
-one replica). Correctness never depends on that: the client keeps each session's tokens, and when
-a replica answers `SessionNotFound` (evicted, restarted, or the call was routed elsewhere) it
-re-opens the session there by replaying them, then repeats the call.
+
+Session operations are coalesced: the operations that concurrent requests issue to one model in
+the same event-loop tick (a few hops of it, so `asyncio.gather`ed children join too) travel as
+one `session_batch` call, and the engine on the replica runs them in one step. Round trips per
+generated token then fall as concurrency rises instead of growing with it.
+
+Affinity: each session belongs to a shard (crc32 of its id modulo `shards`), and a shard's calls
+carry the shard as routing key (consistent-hash router: a shard sticks to one replica), so one
+batch only holds sessions of one replica. One shard for a one-replica model; several per replica
+otherwise, to spread sessions. Correctness never depends on that: the client keeps each session's
+tokens, and when a replica answers `SessionNotFound` (evicted, lease expired, restarted, or routed
+elsewhere) it re-opens the session there by replaying them, then repeats the call.
+
+Bookkeeping is bounded: a session's tokens are dropped when it closes (closing happens even when
+the request is cancelled), and the oldest entries go past `max_tracked` sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+import zlib
+from collections import OrderedDict
 from typing import Sequence
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from collab_ray.core.errors import CollabError, SessionNotFound
+from collab_ray.core.errors import ModelAtCapacity, ModelUnavailable, SessionNotFound
 from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.types import Proposal, SessionStart
 
 UNAVAILABLE = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError)
+COALESCE_HOPS = 3  # event-loop hops an operation waits for others to join its batch
 
-
-class ModelUnavailable(CollabError):
-    """A model deployment could not answer (replica died, overloaded, or timed out)."""
+__all__ = ["ServeBackend", "ModelUnavailable"]
 
 
 class ServeBackend:
-    def __init__(self, handle: DeploymentHandle, name: str, call_timeout_s: float = 120.0, retries: int = 2):
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        name: str,
+        call_timeout_s: float = 120.0,
+        retries: int = 2,
+        shards: int = 1,
+        max_tracked: int = 65536,
+    ):
         self.handle = handle
         self.name = name
         self.call_timeout_s = call_timeout_s
         self.retries = retries
-        self._tokens: dict[str, list[int]] = {}  # each open session's tokens, for replay
-        self._handles: dict[str, DeploymentHandle] = {}  # each open session's routed handle
+        self.shards = shards
+        self.max_tracked = max_tracked
+        self._tokens: OrderedDict[str, list[int]] = OrderedDict()  # each open session's tokens, for replay
+        self._handles: dict[str, DeploymentHandle] = {}  # each shard's routed handle
+        self._pending: dict[str, list] = {}  # shard -> operations waiting to be sent together
         self._info = None
         self._strings = None
         self.replays = 0
+        self.calls = 0  # handle calls made (round trips)
+        self.session_ops = 0  # session operations sent (each batch carries several)
 
     async def _call(self, method: str, *args, routing_key: str | None = None, **kwargs):
         handle = self.handle if routing_key is None else self._routed(routing_key)
         for attempt in range(self.retries + 1):
             try:
+                self.calls += 1
                 return await asyncio.wait_for(getattr(handle, method).remote(*args, **kwargs), self.call_timeout_s)
             except UNAVAILABLE as e:
                 if attempt == self.retries:
-                    raise ModelUnavailable(f"model {self.name!r} unavailable for {method}: {type(e).__name__}: {e}") from e
+                    raise ModelUnavailable(f"model {self.name!r} unavailable for {method}: {type(e).__name__}") from e
                 await asyncio.sleep(0.5 * 2**attempt)
             except asyncio.TimeoutError:
                 raise ModelUnavailable(f"model {self.name!r}: {method} timed out after {self.call_timeout_s}s") from None
 
-    def _routed(self, session_id: str) -> DeploymentHandle:
-        """The handle whose calls carry `session_id` as routing key (made once per session)."""
-        if session_id not in self._handles:
-            self._handles[session_id] = self.handle.options(session_id=session_id)
-        return self._handles[session_id]
+    def _routed(self, shard: str) -> DeploymentHandle:
+        """The handle whose calls carry `shard` as routing key (made once per shard)."""
+        if shard not in self._handles:
+            self._handles[shard] = self.handle.options(session_id=shard)
+        return self._handles[shard]
+
+    def shard(self, session_id: str) -> str:
+        return f"{self.name}/{zlib.crc32(session_id.encode()) % self.shards}"
+
+    # ---- coalesced session operations -----------------------------------------------------------
+    async def _op(self, method: str, session_id: str, *args, **kwargs):
+        """One session operation, sent with every other one issued in the same tick."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        shard = self.shard(session_id)
+        batch = self._pending.setdefault(shard, [])
+        batch.append((method, (session_id, *args), kwargs, future))
+        if len(batch) == 1:
+            self._later(loop, COALESCE_HOPS, shard)
+        return await future
+
+    def _later(self, loop, hops: int, shard: str) -> None:
+        if hops:
+            loop.call_soon(self._later, loop, hops - 1, shard)
+        else:
+            loop.create_task(self._send(shard, self._pending.pop(shard)))
+
+    async def _send(self, shard: str, batch: list) -> None:
+        self.session_ops += len(batch)
+        try:
+            results = await self._call("session_batch", [op[:3] for op in batch], routing_key=shard)
+        except BaseException as e:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (method, args, _, future), result in zip(batch, results):
+            if future.done():  # the caller went away: a session it opened is closed again
+                if method == "open_session" and not isinstance(result, BaseException):
+                    self._forget(args[0])
+                    asyncio.ensure_future(self._close_quietly(args[0]))
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     # ---- stateless calls ----------------------------------------------------------------------
     async def info(self):
@@ -86,36 +154,47 @@ class ServeBackend:
 
     # ---- sessions -----------------------------------------------------------------------------
     async def _session_call(self, session_id: str, method: str, *args, **kwargs):
-        """Call a session method; on SessionNotFound re-open the session by replay and call again."""
+        """A session operation; when the replica lost the session, re-open it by replay and call again."""
         try:
-            return await self._call(method, session_id, *args, routing_key=session_id, **kwargs)
+            return await self._op(method, session_id, *args, **kwargs)
+        except ModelAtCapacity:
+            raise
         except (SessionNotFound, ModelUnavailable):
             await self._replay(session_id, self._tokens_of(session_id))
-            return await self._call(method, session_id, *args, routing_key=session_id, **kwargs)
+            return await self._op(method, session_id, *args, **kwargs)
 
     def _tokens_of(self, session_id: str) -> list[int]:
         if session_id not in self._tokens:
             raise SessionNotFound(session_id)
         return self._tokens[session_id]
 
+    def _track(self, session_id: str, tokens: list[int]) -> None:
+        self._tokens[session_id] = tokens
+        self._tokens.move_to_end(session_id)
+        while len(self._tokens) > self.max_tracked:
+            self._tokens.popitem(last=False)
+
+    def _forget(self, session_id: str) -> None:
+        self._tokens.pop(session_id, None)
+
     async def _replay(self, session_id: str, tokens: list[int]) -> None:
-        await self._call("open_session", tokens, session_id=session_id, routing_key=session_id)
+        await self._op("open_session", session_id, tokens)
         self.replays += 1
 
     async def open_session(self, prompt_ids, *, session_id: str | None = None, top_k: int | None = None) -> SessionStart:
         session_id = session_id or uuid.uuid4().hex
-        start = await self._call("open_session", list(prompt_ids), session_id=session_id, top_k=top_k, routing_key=session_id)
-        self._tokens[session_id] = list(prompt_ids)
+        start = await self._op("open_session", session_id, list(prompt_ids), top_k=top_k)
+        self._track(session_id, list(prompt_ids))
         return start
 
     async def append(self, session_id: str, token_ids, *, all_positions: bool = False, top_k: int | None = None):
         out = await self._session_call(session_id, "append", list(token_ids), all_positions=all_positions, top_k=top_k)
-        self._tokens[session_id] += list(token_ids)
+        self._tokens_of(session_id).extend(token_ids)
         return out
 
     async def propose(self, session_id: str, k: int, params: SamplingParams, *, top_k: int | None = None) -> Proposal:
         proposal = await self._session_call(session_id, "propose", k, params, top_k=top_k)
-        self._tokens[session_id] += proposal.tokens
+        self._tokens_of(session_id).extend(proposal.tokens)
         return proposal
 
     async def rollback(self, session_id: str, length: int) -> None:
@@ -123,16 +202,25 @@ class ServeBackend:
         if not 1 <= length <= len(tokens):
             raise ValueError(f"rollback length {length} outside [1, {len(tokens)}] for session {session_id!r}")
         try:
-            await self._call("rollback", session_id, length, routing_key=session_id)
+            await self._op("rollback", session_id, length)
+        except ModelAtCapacity:
+            raise
         except (SessionNotFound, ModelUnavailable):
             await self._replay(session_id, tokens[:length])
         del tokens[length:]
 
     async def close_session(self, session_id: str) -> None:
-        self._tokens.pop(session_id, None)
+        """Forget the session at once and close it on its replica; a cancelled caller does not
+        stop the close."""
+        self._forget(session_id)
+        await asyncio.shield(self._close_quietly(session_id))
+
+    async def _close_quietly(self, session_id: str) -> None:
         try:
-            await self._call("close_session", session_id, routing_key=session_id)
+            await self._op("close_session", session_id)
         except ModelUnavailable:
             pass  # the replica is gone, and the session with it
-        finally:
-            self._handles.pop(session_id, None)
+
+    async def stats(self) -> dict:
+        """The engine gauges of one replica of this model (the one the call lands on)."""
+        return await self._call("stats")

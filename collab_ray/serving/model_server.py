@@ -1,71 +1,61 @@
 """`ModelServer`: one model behind a Ray Serve deployment (a plain class; `serve.deployment` is applied in app.py).
 
-Concurrent `generate`/`loglikelihood` calls from many requests are batched with `@serve.batch`;
-session calls go straight to the backend, whose KV caches live in this replica.
+Every call goes straight to the model's engine (collab_ray/models/engine.py), which batches the
+work of all concurrent callers step by step: no `@serve.batch` window, no per-call forward.
+`session_batch` takes many session operations in one call (the coordinator coalesces the
+operations its requests issue in the same tick), so a round of 32 concurrent speculative requests
+costs one call per model, not 32. `stats` publishes the engine's gauges.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Sequence
-
-from ray import serve
 
 from collab_ray.config import ModelDeployment
 from collab_ray.core.sampling import SamplingParams
 from collab_ray.models.backend import TransformersBackend
+
+log = logging.getLogger(__name__)
+
+SESSION_METHODS = ("open_session", "append", "propose", "rollback", "close_session", "session_tokens")
 
 
 class ModelServer:
     def __init__(self, config: dict):
         self.config = ModelDeployment.model_validate(config)
         self.backend = TransformersBackend(self.config)
-        self._generate_batched.set_max_batch_size(self.config.max_batch_size)
-        self._generate_batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self._loglikelihood_batched.set_max_batch_size(self.config.max_batch_size)
-        self._loglikelihood_batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     async def check_health(self) -> None:
         if self.backend.closed:
             raise RuntimeError(f"model {self.config.display_name!r} is shut down")
 
-    # ---- batched calls: one item per caller; a failing item never fails its neighbours ----
-    async def generate(self, prompts: Sequence, params: SamplingParams):
-        return _raise_if_error(await self._generate_batched(list(prompts), params))
+    async def stats(self) -> dict:
+        """Open sessions, KV tokens in use and capacity, queue depth, running work, counters."""
+        return {"model": self.config.display_name, **self.backend.stats()}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _generate_batched(self, prompt_lists: list[list], params_list: list[SamplingParams]) -> list:
-        results: list = [None] * len(prompt_lists)
-        groups: dict = {}
-        for i, params in enumerate(params_list):  # seeded calls stay alone: a row's seed depends on its index
-            groups.setdefault(params if params.seed is None else (params, i), []).append(i)
-        for items in groups.values():
-            params = params_list[items[0]]
-            flat = [p for i in items for p in prompt_lists[i]]
-            try:
-                gens = await self.backend.generate(flat, params)
-            except Exception:  # find the bad item(s) one by one
-                for i in items:
-                    results[i] = await _or_error(self.backend.generate(prompt_lists[i], params))
-                continue
-            for i in items:
-                results[i], gens = gens[: len(prompt_lists[i])], gens[len(prompt_lists[i]) :]
-        return results
+    async def generate(self, prompts: Sequence, params: SamplingParams):
+        return await self.backend.generate(list(prompts), params)
 
     async def loglikelihood(self, requests: Sequence):
-        return _raise_if_error(await self._loglikelihood_batched(list(requests)))
+        return await self.backend.loglikelihood(list(requests))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _loglikelihood_batched(self, request_lists: list[list]) -> list:
-        flat = [r for requests in request_lists for r in requests]
-        try:
-            scores = await self.backend.loglikelihood(flat)
-        except Exception:
-            return [await _or_error(self.backend.loglikelihood(requests)) for requests in request_lists]
-        out = []
-        for requests in request_lists:
-            out.append(scores[: len(requests)])
-            scores = scores[len(requests) :]
-        return out
+    async def session_batch(self, ops: list[tuple[str, tuple, dict]]) -> list:
+        """Run session operations `(method, args, kwargs)` concurrently (ops of one session keep
+        their order in the engine); each item's result or its exception, in order."""
+        for method, _, _ in ops:
+            if method not in SESSION_METHODS:
+                raise ValueError(f"session_batch: {method!r} is not a session method {SESSION_METHODS}")
+        results = await asyncio.gather(*(self._session_fn(m)(*a, **kw) for m, a, kw in ops), return_exceptions=True)
+        log.debug("session_batch: %d ops", len(ops))
+        return results
+
+    def _session_fn(self, method: str):
+        """The backend method of a batched op; every op's first argument is its session id."""
+        if method == "open_session":
+            return lambda session_id, ids, **kw: self.backend.open_session(ids, session_id=session_id, **kw)
+        return getattr(self.backend, method)
 
     # ---- everything else goes straight to the backend ---------------------------------------
     async def info(self):
@@ -100,16 +90,3 @@ class ModelServer:
 
     async def session_tokens(self, session_id):
         return await self.backend.session_tokens(session_id)
-
-
-async def _or_error(coro):
-    try:
-        return await coro
-    except Exception as e:  # handed back to that one caller by _raise_if_error
-        return e
-
-
-def _raise_if_error(result):
-    if isinstance(result, Exception):
-        raise result
-    return result
