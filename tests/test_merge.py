@@ -7,6 +7,7 @@ runs in one subprocess for all comparison configs (`mergekit-yaml` itself for on
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def _yaml(text: str, paths: dict) -> dict:
 
     def sub(node):
         if isinstance(node, dict):
-            return {k: (str(paths[v]) if k in ("model", "base_model") and v in paths else sub(v)) for k, v in node.items()}
+            return {k: (str(paths[v]) if k in ("model", "base_model", "source", "tokenizer_source") and isinstance(v, str) and v in paths and not (k.endswith("source") and v in ("base", "union")) else sub(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [sub(v) for v in node]
         return node
@@ -214,6 +215,25 @@ CONFIGS = {
                 layer_range: [1, 4]
         merge_method: passthrough
         dtype: float32
+    """,
+    "della_dense": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.6, density: 1.0, epsilon: 0.1}
+          - model: ft1
+            parameters: {weight: 0.4, density: 1.0}
+        merge_method: della
+        base_model: base
+        parameters: {lambda: 0.9}
+    """,
+    "della_linear_dense": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.6, density: 1.0}
+          - model: ft1
+            parameters: {weight: 0.4, density: 1.0}
+        merge_method: della_linear
+        base_model: base
     """,
     "sce": """
         models:
@@ -439,7 +459,7 @@ def test_dare_rescales_and_is_deterministic_by_seed(ckpts):
 
 def test_tokenizer_source_base_crops_and_pads_embedding_rows(ckpts, caplog):
     text = "models: [{model: base, parameters: {weight: 0.5}}, {model: vocab260, parameters: {weight: 0.5}}]\nmerge_method: linear\n"
-    with pytest.raises(ConfigError, match="vocabulary sizes differ.*tokenizer_source: base"):
+    with pytest.raises(ConfigError, match="vocabulary sizes differ.*tokenizer_source"):
         _merged(text, ckpts)
     merged = _merged(text + "base_model: base\ntokenizer_source: base", ckpts)
     base, big = (load_file(ckpts[n] / "model.safetensors") for n in ("base", "vocab260"))
@@ -584,3 +604,152 @@ def test_examples_are_valid_configs():
     assert len(examples) >= 5
     for path in examples:
         load_config(path)
+
+
+# ------------------------------------------------------------------------------------ tokenizers
+
+TOKENIZER_CONFIGS = {
+    "union": """
+        models:
+          - model: tok_a
+            parameters: {weight: 0.7}
+          - model: tok_b
+            parameters: {weight: 0.4}
+        merge_method: task_arithmetic
+        base_model: tok_base
+        tokenizer_source: union
+        dtype: float32
+    """,
+    "base": """
+        models:
+          - model: tok_base
+          - model: tok_a
+            parameters: {weight: 0.5, density: 0.6}
+          - model: tok_b
+            parameters: {weight: 0.5, density: 0.6}
+        merge_method: ties
+        base_model: tok_base
+        tokenizer_source: base
+    """,
+    "block": """
+        models:
+          - model: tok_a
+            parameters: {weight: 1.0}
+          - model: tok_b
+            parameters: {weight: 3.0}
+        merge_method: linear
+        tokenizer:
+          source: union
+          pad_to_multiple_of: 8
+          tokens:
+            "<|both|>": {source: tok_a, force: true}
+            "<|a1|>": {source: {kind: model_token, model: tok_b, token: "<s>"}}
+            "<|new|>": {source: {kind: zero}}
+        chat_template: "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\\n{% endfor %}"
+    """,
+    "model": """
+        models:
+          - model: tok_a
+          - model: tok_b
+        merge_method: nuslerp
+        parameters: {weight: 1.0}
+        base_model: tok_base
+        tokenizer_source: tok_b
+        chat_template: auto
+    """,
+    "base_without_base_model": """
+        models:
+          - model: tok_a
+            parameters: {weight: 0.5}
+          - model: tok_a2
+            parameters: {weight: 0.5}
+        merge_method: linear
+        tokenizer_source: base
+    """,
+}
+
+
+@pytest.fixture(scope="module")
+def tok_ckpts(tmp_path_factory):
+    """The tiny llama with its tokenizer (tok_base) and fine-tunes with different added tokens:
+    tok_a (+<|a1|>, <|both|>), tok_a2 (tok_a's tokenizer, other weights), tok_b (+<|b1|>, <|both|>, special <|b2|>)."""
+    from transformers import AutoTokenizer
+
+    from collab_ray.models.tiny import tiny_path
+
+    root = tmp_path_factory.mktemp("tok")
+    base = Path(shutil.copytree(tiny_path("llama-bpe"), root / "tok_base"))
+    state = load_file(base / "model.safetensors")
+    paths = {"tok_base": base}
+    for name, plain, special, seed in [("tok_a", ["<|a1|>", "<|both|>"], [], 1), ("tok_a2", ["<|a1|>", "<|both|>"], [], 2), ("tok_b", ["<|b1|>", "<|both|>"], ["<|b2|>"], 3)]:
+        out = paths[name] = Path(shutil.copytree(base, root / name))
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.add_tokens(plain)
+        if special:
+            tokenizer.add_special_tokens({"additional_special_tokens": special})
+        tokenizer.save_pretrained(out)
+        grown = _noisy(state, 600 + seed)
+        g = torch.Generator().manual_seed(seed)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            grown[key] = torch.cat([grown[key], torch.randn(len(tokenizer) - grown[key].shape[0], grown[key].shape[1], generator=g)])
+        save_file(grown, str(out / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "vocab_size": len(tokenizer)}))
+    return paths
+
+
+MERGEKIT_TOKENIZER_RUNNER = MERGEKIT_RUNNER.replace("copy_tokenizer=False", "copy_tokenizer=True")
+
+
+@pytest.fixture(scope="module")
+def mergekit_tokenizer_outputs(tok_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit-tok")
+    args = []
+    for name, text in TOKENIZER_CONFIGS.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(_yaml(text, tok_ckpts)))
+        args += [str(root / f"{name}.yaml"), str(root / name)]
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", MERGEKIT_TOKENIZER_RUNNER, *args], capture_output=True, text=True, env=offline)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(TOKENIZER_CONFIGS))
+def test_tokenizer_options_match_mergekit(name, tok_ckpts, mergekit_tokenizer_outputs, tmp_path):
+    """Same tokens, same rows per token, same added-token settings and chat template. Token ids are
+    compared through the token strings: mergekit orders a union by its set of referenced models, which
+    changes from process to process; collab-ray takes the models in config order."""
+    from transformers import AutoTokenizer
+
+    theirs_dir = mergekit_tokenizer_outputs / name
+    out = merge(theirs_dir.with_suffix(".yaml"), tmp_path / "out", progress=False)
+    ours_t, theirs_t = (AutoTokenizer.from_pretrained(d) for d in (out, theirs_dir))
+    ours_v, theirs_v = ours_t.get_vocab(), theirs_t.get_vocab()
+    assert ours_v.keys() == theirs_v.keys()
+    order = torch.tensor([theirs_v[token] for token, _ in sorted(ours_v.items(), key=lambda item: item[1])])
+    ours, theirs = _load_dir(out), _load_dir(theirs_dir)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # theirs' rows in our token order (padding rows last)
+        theirs[key] = torch.cat([theirs[key][order], theirs[key][len(order) :]])
+    _assert_same(ours, theirs)
+    assert {t.content: t.special for t in ours_t.added_tokens_decoder.values()} == {t.content: t.special for t in theirs_t.added_tokens_decoder.values()}
+    assert ours_t.chat_template == theirs_t.chat_template
+    ours_cfg, theirs_cfg = (json.loads((d / "config.json").read_text()) for d in (out, theirs_dir))
+    assert ours_cfg["vocab_size"] == theirs_cfg["vocab_size"] == ours["model.embed_tokens.weight"].shape[0]
+
+
+def test_tokenizer_source_model_prefix_and_errors(tok_ckpts, tmp_path):
+    text = "models: [{model: tok_a, parameters: {weight: 1}}, {model: tok_b, parameters: {weight: 1}}]\nmerge_method: linear\n"
+    plain = merge_to_state_dict(_yaml(text + "tokenizer_source: tok_b", tok_ckpts))
+    prefixed = merge_to_state_dict(_yaml(text + f"tokenizer_source: model:{tok_ckpts['tok_b']}", tok_ckpts))
+    _assert_same(prefixed, plain)
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(_yaml(text + "tokenizer_source: union\ntokenizer: {source: base}", tok_ckpts))
+    with pytest.raises(ConfigError, match="vocabulary sizes differ.*tokenizer_source"):
+        merge_to_state_dict(_yaml(text, tok_ckpts))
+    with pytest.raises(ConfigError, match="'nonsense'"):
+        merge(_yaml(text + "tokenizer_source: union\nchat_template: nonsense", tok_ckpts), tmp_path / "out", progress=False)
+    merged = merge(_yaml(text + "tokenizer_source: union\nchat_template: chatml", tok_ckpts), tmp_path / "chatml", progress=False)
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n"

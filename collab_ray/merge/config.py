@@ -2,10 +2,10 @@
 
 A user's mergekit YAML loads unchanged: `models` (each with `parameters`) or `slices` of `sources`
 with `layer_range`, `base_model`, `merge_method`, global `parameters`, `dtype`, `out_dtype`,
-`tokenizer_source: base`. A parameter value is a scalar, a gradient list (interpolated across the
+`tokenizer_source` / `tokenizer`, `chat_template`. A parameter value is a scalar, a gradient list (interpolated across the
 layers of a slice) or a list of `{filter, value}` conditions (first whose filter is a substring of
-the tensor name wins). mergekit keys that collab_ray does not implement (`modules`, `tokenizer`,
-`chat_template`, LoRA `model+adapter` references, …) are refused with an error naming the key.
+the tensor name wins). mergekit keys that collab_ray does not implement (`modules`,
+`residual_weight`) are refused with an error naming the key.
 """
 
 from __future__ import annotations
@@ -88,6 +88,44 @@ class OutputSlice(_Strict):
         return self
 
 
+class ModelToken(_Strict):
+    """A token's embedding taken from one model's row for a given token (id or string)."""
+
+    kind: Literal["model_token"] = Field(description="'model_token'.")
+    model: str = Field(description="Model whose embedding row is used (one of the merge's inputs).")
+    token_id: int | None = Field(None, description="Row (token id) in that model; exclusive with `token`.")
+    token: str | None = Field(None, description="Token string, looked up in that model's tokenizer; exclusive with `token_id`.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroToken(_Strict):
+    """A zero embedding."""
+
+    kind: Literal["zero"] = Field(description="'zero'.")
+
+
+class TokenEmbedding(_Strict):
+    """Where the embedding (and LM head row) of one output token comes from."""
+
+    source: Union[ModelToken, ZeroToken, str, None] = Field(
+        None, description="A model reference (its row for this token), {kind: model_token, …} or {kind: zero}."
+    )
+    force: bool = Field(False, description="Use `source` for every model, even those that have the token.")
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary and per-token embedding sources."""
+
+    source: str = Field("union", description="'union', 'base', or a model reference ('model:NAME' or NAME) whose tokenizer is used.")
+    tokens: dict[str, TokenEmbedding] | None = Field(None, description="Tokens to add or whose embeddings to set, by token string.")
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="Pad the output vocabulary to a multiple of this (mean rows).")
+
+
 class MergeConfig(_Strict):
     """A mergekit merge configuration (the subset collab_ray implements; same semantics)."""
 
@@ -98,9 +136,13 @@ class MergeConfig(_Strict):
     parameters: Parameters | None = Field(None, description="Global parameters (lowest precedence).")
     dtype: str | None = Field(None, description="Inputs are cast to this dtype before merging (float32, float16, bfloat16, float64).")
     out_dtype: str | None = Field(None, description="dtype of the written tensors (default: `dtype`, else the inputs' dtype).")
-    tokenizer_source: Literal["base"] | None = Field(
-        None, description="'base': the base's tokenizer; embedding rows of other models are cropped/padded to the base's."
+    tokenizer_source: str | None = Field(
+        None,
+        description="Output vocabulary: 'base' (the base's, else the first model's), 'union' (all models' tokens) or "
+        "'model:NAME' / NAME (that model's tokenizer); embeddings and LM heads are rebuilt on it.",
     )
+    tokenizer: TokenizerConfig | None = Field(None, description="Output vocabulary with per-token embedding sources (exclusive with tokenizer_source).")
+    chat_template: str | None = Field(None, description="Chat template of the output tokenizer: 'auto' (most common among the models), 'chatml', or a Jinja template.")
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -118,8 +160,8 @@ class MergeConfig(_Strict):
     def _check(self) -> MergeConfig:
         if (self.models is None) == (self.slices is None):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
-        if self.tokenizer_source == "base" and self.base_model is None:
-            raise ValueError("tokenizer_source: base needs a base_model")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or a tokenizer block, not both")
         method = get_method(self.merge_method)
         for where, params in self._parameter_blocks():
             for name in params or {}:
@@ -141,8 +183,6 @@ class MergeConfig(_Strict):
 # mergekit keys collab_ray refuses, and why (the generic message for anything else is "unknown key")
 UNSUPPORTED = {
     "modules": "multi-module merges are not supported; use 'models' or 'slices'",
-    "tokenizer": "the 'tokenizer' block is not supported; only 'tokenizer_source: base'",
-    "chat_template": "chat_template is not supported; the base's tokenizer files are copied as they are",
     "residual_weight": "residual_weight is not supported",
 }
 
@@ -221,3 +261,12 @@ def resolve(param: Param, scopes: list[Parameters | None], tensor_name: str, t: 
         raise ConfigError(f"missing required parameter {param.name!r} for {where}")
     return param.default
 
+
+
+def tokenizer_settings(config: MergeConfig) -> tuple[str, dict[str, TokenEmbedding], int | None] | None:
+    """(source, tokens, pad_to_multiple_of) of `tokenizer_source` or the `tokenizer` block, or None (neither)."""
+    if config.tokenizer is not None:
+        return config.tokenizer.source, dict(config.tokenizer.tokens or {}), config.tokenizer.pad_to_multiple_of
+    if config.tokenizer_source is not None:
+        return config.tokenizer_source, {}, None
+    return None

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from collab_ray.merge.config import MergeConfig, load_config
-from collab_ray.merge.io import ModelFiles, StreamingWriter, atomic_output_dir, parse_size, write_side_files
+from collab_ray.merge.io import TOKENIZER_FILES, ModelFiles, StreamingWriter, atomic_output_dir, parse_size, write_side_files
 from collab_ray.merge.plan import MergePlan, TensorJob, build_plan
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def merge(
             writer.write(name, tensor)
         writer.finish()
         write_side_files(plan.donor, tmp, plan.config_updates)
+        write_tokenizer(plan, tmp)
     return Path(out_dir)
 
 
@@ -91,6 +92,8 @@ def merge_job(
     tensors = [(t.to(plan.cast) if plan.cast else t).to(device=device, dtype=work) for t in tensors]
     if job.align_rows:
         tensors = _align_rows(tensors, tensors[_base_position(plan, job)], job.out.shape[0])
+    if job.vocab:
+        tensors = plan.vocabulary.align([i.model.ref for i in job.inputs], tensors, job.vocab_base)
     base = tensors.pop(job.base_index) if job.base_index is not None else None
     kwargs = dict(job.kwargs)
     if plan.method.random:
@@ -98,6 +101,23 @@ def merge_job(
     if fishers is not None:
         kwargs["fishers"] = [_fisher_of(fishers[i.model.ref], i.name, t) for i, t in zip(job.inputs, tensors)]
     return plan.method.kernel(tensors, base, **kwargs).to(device="cpu", dtype=job.out.dtype)
+
+
+def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
+    """The output tokenizer (built vocabulary, or the donor's when only `chat_template` is set), saved with
+    its chat template over the donor's copied tokenizer files."""
+    tokenizer = plan.vocabulary.tokenizer if plan.vocabulary is not None else None
+    if tokenizer is None and plan.chat_template is None:
+        return
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(plan.donor.path)
+    if plan.chat_template is not None:
+        tokenizer.chat_template = plan.chat_template
+    for name in TOKENIZER_FILES:  # the donor's copies would shadow or contradict the saved tokenizer
+        (out_dir / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(out_dir)
 
 
 def _return_freed_memory_to_os() -> None:

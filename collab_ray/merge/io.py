@@ -39,7 +39,7 @@ DTYPE_CODES = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 # Small files of the donor model copied next to the merged weights (as mergekit does).
-SIDE_FILES = (
+TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",
@@ -49,8 +49,8 @@ SIDE_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-    "generation_config.json",
 )
+SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 @dataclass(frozen=True)

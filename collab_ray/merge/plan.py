@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from collab_ray.core.errors import ConfigError
-from collab_ray.merge.config import InputSlice, MergeConfig, OutputSlice, Parameters, resolve
+from collab_ray.merge.config import InputSlice, MergeConfig, OutputSlice, Parameters, resolve, tokenizer_settings
 from collab_ray.merge.io import ModelFiles, OutputTensor
 from collab_ray.merge.methods import MergeMethod, get_method
+from collab_ray.merge.vocab import Vocabulary, build_vocabulary, resolve_chat_template
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 PRE_MARKERS = ("embed", "wte", "wpe")
@@ -41,7 +42,9 @@ class TensorJob:
     inputs: tuple[Input, ...]  # config order
     base_index: int | None  # the input passed as `base` (methods that require one), else None
     kwargs: dict[str, Any]  # resolved kernel parameters; per-input ones align with the non-base inputs
-    align_rows: bool = False  # vocabulary rows differ: crop/pad each input to the base's rows
+    align_rows: bool = False  # vocabulary rows differ (no tokenizer to go by): crop/pad each input to the base's rows
+    vocab: bool = False  # rows are tokens: rebuild each input on the output vocabulary first (plan.vocabulary)
+    vocab_base: str | None = None  # the base model of this tensor's slice, for the vocabulary's defaults
 
 
 @dataclass
@@ -53,6 +56,8 @@ class MergePlan:
     config_updates: dict[str, Any] = field(default_factory=dict)
     setup: dict[str, Any] = field(default_factory=dict)  # method settings read once (e.g. Fisher data)
     cast: torch.dtype | None = None  # `dtype`: inputs are cast to it before merging
+    vocabulary: Vocabulary | None = None  # output vocabulary (tokenizer_source / tokenizer), else None
+    chat_template: str | None = None  # resolved `chat_template`
 
 
 def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = ModelFiles) -> MergePlan:
@@ -67,7 +72,9 @@ def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = Mo
 
     slices = _normalized_slices(config, model)
     donor = model(config.base_model or slices[0][0].sources[0].model)
-    planner = _Planner(config, method, model)
+    referenced = [model(ref) for ref in dict.fromkeys(s.model for out_slice, _ in slices for s in out_slice.sources)]
+    vocabulary = _vocabulary(config, referenced, model)
+    planner = _Planner(config, method, model, vocabulary)
     for i, (out_slice, base) in enumerate(slices):
         planner.check_inputs(out_slice, base, f"slices[{i}]" if config.slices else "models")
     pre, post = _outside_layers(donor)
@@ -96,6 +103,8 @@ def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = Mo
         updates["dtype"] = config.out_dtype or config.dtype
         if "torch_dtype" in donor.config:
             updates["torch_dtype"] = updates["dtype"]
+    if vocabulary is not None:
+        updates["vocab_size"] = vocabulary.size
     setup = {p.name: resolve(p, [config.parameters], "", 0.0, f"merge_method {method.name!r}") for p in method.setup}
     return MergePlan(
         method=method,
@@ -105,7 +114,33 @@ def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = Mo
         config_updates=updates,
         setup=setup,
         cast=getattr(torch, config.dtype) if config.dtype else None,
+        vocabulary=vocabulary,
+        chat_template=resolve_chat_template(config.chat_template, referenced) if config.chat_template else None,
     )
+
+
+def _vocabulary(config: MergeConfig, referenced: list[ModelFiles], model) -> Vocabulary | None:
+    """The output vocabulary the config asks for (None: inputs keep their rows). `tokenizer_source: base`
+    over models without tokenizer files keeps the older row crop/pad to the base (with a warning)."""
+    settings = tokenizer_settings(config)
+    if settings is None:
+        return None
+    source, tokens, pad = settings
+    base = model(config.base_model) if config.base_model else None
+    source_model = None
+    if source not in ("base", "union"):
+        source_model = model(source.removeprefix("model:"))
+    elif source == "base" and not tokens and not _has_tokenizer(base or referenced[0]):
+        return None
+    for token, cfg in tokens.items():
+        ref = cfg.source if isinstance(cfg.source, str) else getattr(cfg.source, "model", None)
+        if ref is not None and model(ref).ref not in {m.ref for m in referenced}:
+            raise ConfigError(f"tokenizer.tokens[{token!r}]: source model {ref!r} is not one of the merged models")
+    return build_vocabulary(source, referenced, base, tokens, pad, source_model)
+
+
+def _has_tokenizer(files: ModelFiles) -> bool:
+    return any((files.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
 def _normalized_slices(config: MergeConfig, model) -> list[tuple[OutputSlice, str | None]]:
@@ -138,6 +173,16 @@ def _layer_tensors(files: ModelFiles, index: int, ref: str) -> list[tuple[str, s
     return found
 
 
+def _is_vocab(inputs: list[Input]) -> bool:
+    """Rows are tokens: every input's first dimension is its model's vocab_size and the rest agree."""
+    shapes = [i.model.tensors[i.name].shape for i in inputs]
+    return all(len(s) >= 1 and s[0] == i.model.config.get("vocab_size", -1) for i, s in zip(inputs, shapes)) and len({s[1:] for s in shapes}) == 1
+
+
+def _rest(inputs: list[Input]) -> tuple[int, ...]:
+    return inputs[0].model.tensors[inputs[0].name].shape[1:]
+
+
 def _count(lo: int, hi: int | None) -> str:
     return f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"at most {hi}"
 
@@ -145,8 +190,8 @@ def _count(lo: int, hi: int | None) -> str:
 class _Planner:
     """Resolves parameters and checks shapes for each output tensor."""
 
-    def __init__(self, config: MergeConfig, method: MergeMethod, model):
-        self.config, self.method, self.model = config, method, model
+    def __init__(self, config: MergeConfig, method: MergeMethod, model, vocabulary: Vocabulary | None = None):
+        self.config, self.method, self.model, self.vocabulary = config, method, model, vocabulary
         self.jobs: list[TensorJob] = []
 
     def check_inputs(self, out_slice: OutputSlice, base: str | None, where: str) -> None:
@@ -173,7 +218,8 @@ class _Planner:
                 raise ConfigError(f"tensor {name!r} is missing from model {source.model!r} (present in {holders})")
             inputs.append(Input(files, name))
         base_index = next((i for i, (s, _) in enumerate(named) if s.model == base), None) if self.method.base != "ignored" else None
-        shape, align = self._shape(out_name, inputs, named, base, base_index)
+        vocab = self.vocabulary is not None and not LAYER_RE.match(out_name) and _is_vocab(inputs)
+        shape, align = self._shape(out_name, inputs, named, base, base_index) if not vocab else ((self.vocabulary.size, *_rest(inputs)), False)
         dtypes = [i.model.tensors[i.name].dtype for i in inputs]
         promoted = dtypes[0]
         for d in dtypes[1:]:
@@ -181,7 +227,15 @@ class _Planner:
         out_dtype = self.config.out_dtype or self.config.dtype
         dtype = getattr(torch, out_dtype) if out_dtype and promoted.is_floating_point else promoted
         self.jobs.append(
-            TensorJob(OutputTensor(out_name, shape, dtype), tuple(inputs), base_index, self._kwargs(out_name, named, out_slice, base_index, t), align)
+            TensorJob(
+                OutputTensor(out_name, shape, dtype),
+                tuple(inputs),
+                base_index,
+                self._kwargs(out_name, named, out_slice, base_index, t),
+                align,
+                vocab,
+                base if vocab else None,
+            )
         )
 
     def _shape(self, out_name, inputs, named, base, base_index) -> tuple[tuple[int, ...], bool]:
@@ -195,10 +249,10 @@ class _Planner:
         )
         if not vocab:
             raise ConfigError(f"tensor {out_name!r}: shapes differ across models: {listing}")
-        if self.config.tokenizer_source != "base" or base is None or base not in [s.model for s, _ in named]:
+        if self.config.tokenizer_source != "base" or base is None or base not in [s.model for s, _ in named] or self.vocabulary:
             raise ConfigError(
-                f"tensor {out_name!r}: vocabulary sizes differ across models: {listing}; set 'tokenizer_source: base' "
-                "(with the base among the inputs) to crop/pad every model's rows to the base's"
+                f"tensor {out_name!r}: vocabulary sizes differ across models: {listing}; set 'tokenizer_source' "
+                "(base, union or a model) to rebuild every model's rows on one vocabulary"
             )
         index = base_index if base_index is not None else [s.model for s, _ in named].index(base)
         return shapes[index], True
