@@ -139,6 +139,19 @@ class ServerConfig(_Scaled):
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Concurrent pipeline requests per coordinator replica (each mostly waits on models)."
     )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest HTTP request body in bytes; a larger one gets a 413."
+    )
+    max_prompt_tokens: int = Field(
+        32768, ge=1, description="Most prompt tokens (under any model of the pipeline) a request may send; checked before any model work."
+    )
+    max_choices_per_request: int = Field(
+        64, ge=1, description="Most completions one request may ask for: prompts × n."
+    )
+    max_concurrent_requests_per_key: int = Field(
+        256, ge=1, description="Concurrent HTTP API requests per API key (per coordinator replica); more get a 429."
+    )
+    access_log: bool = Field(True, description="Write one access line per HTTP request (request id, status, latency).")
 
     def check_max_tokens(self, max_tokens: int) -> None:
         """ValueError when a request asks for more than `max_tokens_limit` new tokens."""

@@ -45,7 +45,11 @@ def test_chat_equals_in_process_with_chat_template(client):
 
 def test_streaming_reassembles_to_the_full_text(client):
     full = client.completions.create(model="target", prompt="Two plus", max_tokens=10, temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="target", prompt="Two plus", max_tokens=10, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="target", prompt="Two plus", max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     deltas = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert "".join(deltas) == full and len(deltas) > 1  # streamed incrementally
     assert chunks[-1].usage.completion_tokens == 10
