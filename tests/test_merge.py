@@ -753,3 +753,103 @@ def test_tokenizer_source_model_prefix_and_errors(tok_ckpts, tmp_path):
 
     rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+# ------------------------------------------------------------------------- LoRA, Hub ids
+
+def _lora_adapter(model_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
+    """A PEFT LoRA adapter (safetensors) for `model_dir` with random A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_ckpts(tok_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return {**tok_ckpts, "lora1": _lora_adapter(tok_ckpts["tok_base"], root / "lora1", 1), "lora2": _lora_adapter(tok_ckpts["tok_base"], root / "lora2", 2)}
+
+
+LORA_CONFIG = """
+    models:
+      - model: tok_base+lora1
+        parameters: {weight: 0.6}
+      - model: tok_base+lora2
+        parameters: {weight: 0.4}
+    merge_method: task_arithmetic
+    base_model: tok_base
+    dtype: float32
+"""
+
+
+def test_lora_references_match_mergekit(lora_ckpts, tmp_path):
+    config = _yaml(LORA_CONFIG, {})
+    for m in config["models"]:
+        base, adapter = m["model"].split("+")
+        m["model"] = f"{lora_ckpts[base]}+{lora_ckpts[adapter]}"
+    config["base_model"] = str(lora_ckpts["tok_base"])
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
+    runner = MERGEKIT_RUNNER.replace("copy_tokenizer=False", f"copy_tokenizer=False, lora_merge_cache={str(tmp_path / 'cache')!r}")
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", runner, str(tmp_path / "m.yaml"), str(tmp_path / "theirs")], capture_output=True, text=True, env=offline)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = merge(tmp_path / "m.yaml", tmp_path / "ours", progress=False)
+    _assert_same(_load_dir(ours), _load_dir(tmp_path / "theirs"))
+    assert not list(tmp_path.glob("collab-ray-models-*"))  # merged adapters are temporary
+
+    pickled = Path(shutil.copytree(lora_ckpts["lora1"], tmp_path / "pickled"))
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        merge_to_state_dict({"merge_method": "linear", "models": [{"model": f"{lora_ckpts['tok_base']}+{pickled}", "parameters": {"weight": 1}}]})
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, Path], commit: str, tag: str = "main") -> None:
+    """Lay `files` out as huggingface_hub's cache does: blobs by hash, snapshots/<commit>/ links, refs/<tag>."""
+    import hashlib
+
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / tag).write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        data = source.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+HUB_SCRIPT = """
+import sys
+from collab_ray.merge import merge
+merge(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_hub_ids_resolve_offline_from_the_cache(ckpts, tmp_path):
+    cache = tmp_path / "hub"
+    files = {n: ckpts["ft0"] / n for n in ("config.json", "model.safetensors")}
+    _hub_cache(cache, "acme/ft0", files, "a" * 40)
+    _hub_cache(cache, "acme/ft1", {n: ckpts["ft1"] / n for n in ("config.json", "model.safetensors")}, "b" * 40, tag="v1")
+    _hub_cache(cache, "acme/pickled", {"config.json": ckpts["ft1"] / "config.json", "pytorch_model.bin": ckpts["ft1"] / "config.json"}, "c" * 40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    env.pop("HF_HOME", None)
+    text = "merge_method: linear\nmodels: [{model: acme/ft0, parameters: {weight: 0.3}}, {model: acme/ft1@v1, parameters: {weight: 0.7}}]\n"
+    (tmp_path / "hub.yaml").write_text(text)
+    run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "hub.yaml"), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    local = _yaml("merge_method: linear\nmodels: [{model: ft0, parameters: {weight: 0.3}}, {model: ft1, parameters: {weight: 0.7}}]", ckpts)
+    _assert_same(_load_dir(tmp_path / "out"), merge_to_state_dict(local))
+    for ref, message in [("acme/pickled", "no safetensors"), ("acme/missing", "not in the local Hub cache"), (f"acme/ft0@{'d' * 40}", "not in the local Hub cache")]:
+        (tmp_path / "bad.yaml").write_text(f"merge_method: linear\nmodels: [{{model: {ref}, parameters: {{weight: 1}}}}]\n")
+        run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "bad.yaml"), str(tmp_path / "bad")], capture_output=True, text=True, env=env)
+        assert run.returncode != 0 and message in run.stderr, (ref, run.stderr[-2000:])

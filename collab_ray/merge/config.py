@@ -41,13 +41,16 @@ Parameters = dict[str, ParameterSetting]
 
 
 def _model_path(value: str | None) -> str | None:
-    if value is not None and "+" in value:
-        raise ValueError(f"LoRA references ('model+adapter') are not supported: {value!r}; merge the adapter first")
+    if value is not None and (value.count("+") > 1 or value.startswith("+") or value.endswith("+")):
+        raise ValueError(f"model reference {value!r}: expected MODEL or MODEL+LORA_ADAPTER")
     return value
 
 
 class _ModelSource(_Strict):
-    model: str = Field(description="Local model directory (safetensors + config.json), or tiny:NAME.")
+    model: str = Field(
+        description="Model directory (safetensors + config.json), tiny:NAME, Hub id org/name[@revision], "
+        "or any of these + a PEFT LoRA adapter ('model+adapter', merged in first)."
+    )
     parameters: Parameters | None = Field(None, description="Parameters for this model (highest precedence).")
 
     _check_model = field_validator("model")(_model_path)

@@ -12,13 +12,14 @@ import logging
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from collab_ray.merge.config import MergeConfig, load_config
-from collab_ray.merge.io import TOKENIZER_FILES, ModelFiles, StreamingWriter, atomic_output_dir, parse_size, write_side_files
+from collab_ray.merge.io import TOKENIZER_FILES, ModelFiles, StreamingWriter, atomic_output_dir, open_model_files, parse_size, write_side_files
 from collab_ray.merge.plan import MergePlan, TensorJob, build_plan
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,16 @@ def merge(
     and its tokenizer files. Everything is checked before the first tensor is merged, and the
     output appears under `out_dir` only once complete (written to a temp dir, then renamed).
     """
-    plan = build_plan(load_config(config))
     max_bytes = parse_size(out_shard_size)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = StreamingWriter(tmp, [job.out for job in plan.jobs], max_bytes)
-        for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
-            writer.write(name, tensor)
-        writer.finish()
-        write_side_files(plan.donor, tmp, plan.config_updates)
-        write_tokenizer(plan, tmp)
+    with tempfile.TemporaryDirectory(prefix="collab-ray-models-") as work:  # merged LoRA adapters live here
+        plan = build_plan(load_config(config), partial(open_model_files, work=Path(work)))
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            writer = StreamingWriter(tmp, [job.out for job in plan.jobs], max_bytes)
+            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
+                writer.write(name, tensor)
+            writer.finish()
+            write_side_files(plan.donor, tmp, plan.config_updates)
+            write_tokenizer(plan, tmp)
     return Path(out_dir)
 
 
@@ -60,15 +62,16 @@ def merge_to_state_dict(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = False,
-    open_model: Callable[[str], ModelFiles] = ModelFiles,
+    open_model: Callable[[str], ModelFiles] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The merged tensors as a state dict (on CPU), without writing anything (for coefficient search).
 
     `open_model` maps a model reference to its tensors: by default read from disk; coefficient
     search passes weights it already holds in memory.
     """
-    plan = build_plan(load_config(config), open_model)
-    return dict(iter_merged(plan, device=device, seed=seed, progress=progress))
+    with tempfile.TemporaryDirectory(prefix="collab-ray-models-") as work:
+        plan = build_plan(load_config(config), open_model or partial(open_model_files, work=Path(work)))
+        return dict(iter_merged(plan, device=device, seed=seed, progress=progress))
 
 
 def iter_merged(plan: MergePlan, *, device: str = "cpu", seed: int = 0, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -84,9 +84,9 @@ def read_header(file: Path) -> dict:
 class ModelFiles:
     """The safetensors checkpoint in a local directory: tensor names, shapes and dtypes, read lazily."""
 
-    def __init__(self, ref: str):
+    def __init__(self, ref: str, path: Path | None = None):
         self.ref = ref
-        self.path = _resolve_dir(ref)
+        self.path = Path(path) if path is not None else _resolve_dir(ref)
         self.config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
         self.tensors: dict[str, TensorInfo] = {}
         for file in _shard_files(self.path):
@@ -108,16 +108,22 @@ class ModelFiles:
 
 
 def _resolve_dir(ref: str) -> Path:
-    if ref.startswith("tiny:"):
-        from collab_ray.models.tiny import tiny_path
+    from collab_ray.merge.sources import resolve_dir, split_lora
 
-        return tiny_path(ref.removeprefix("tiny:"))
-    path = Path(ref).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(
-            f"model {ref!r}: no such directory (collab-ray merge reads local safetensors checkpoints, not Hub ids)"
-        )
-    return path
+    if split_lora(ref)[1] is not None:
+        raise ModelLoadError(f"model {ref!r}: a LoRA reference needs a work directory (open it with open_model)")
+    return resolve_dir(ref)
+
+
+def open_model_files(ref: str, work: Path | None = None) -> ModelFiles:
+    """ModelFiles of any model reference; 'base+adapter' is merged (peft) into a directory under `work`."""
+    from collab_ray.merge.sources import merged_lora_dir, split_lora
+
+    if split_lora(ref)[1] is None:
+        return ModelFiles(ref)
+    if work is None:
+        raise ModelLoadError(f"model {ref!r}: a LoRA reference needs a work directory")
+    return ModelFiles(ref, merged_lora_dir(ref, work))
 
 
 def _shard_files(path: Path) -> list[Path]:
