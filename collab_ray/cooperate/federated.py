@@ -4,6 +4,12 @@ placeholders, the remote (large) model answers the generic prompt, and the local
 specifics back into the answer (the survey's "federated cooperation"; Guo et al. 2023,
 "Federated Prompting and Chain-of-Thought Reasoning"; Mireshghallah et al. 2023, on PII leakage).
 
+A remote model may write placeholders of its own ("The capital of [NAME_1] is [NAME_2].", where only
+[NAME_1] was sent), or stop in the middle of one. No placeholder ever reaches the user: the known
+ones are restored, and the local model (which may read the private prompt) writes the words of each
+invented one from the prompt and the answer so far; one it cannot fill is dropped
+(`meta["invented"]`).
+
 Names: a capitalized word inside a sentence is a name. A sentence's first word is one when it
 comes right before a name ("Bob Miller"), or when the local model, reading it mid-sentence, prefers
 it capitalized: log p(" Alice") − log p(" alice") after a neutral context is above `name_margin`
@@ -19,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.decoding import answer
+from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.strategy import (
     Emit,
     Request,
@@ -36,7 +43,14 @@ PATTERNS = {  # kind -> regex, matched in this order; earlier kinds win overlaps
 WORD = re.compile(r"\b[A-Z][\w'\-]*[A-Za-z]")
 SENTENCE_START = re.compile(r"(?:^|[.!?:;\n]\s*|[\"(]\s*)$")
 NAME_CONTEXT = "They talked about it, and"  # a mid-sentence spot where any word, name or not, may follow
-PLACEHOLDER = re.compile(r"\[?\b(EMAIL|URL|NUMBER|NAME|PRIVATE)_(\d+)\b\]?")
+# "[NAME_1]" (in brackets: any case, "_" or " " or nothing before the number) or a bare "NAME_1"
+PLACEHOLDER = re.compile(
+    r"\[(?i:(EMAIL|URL|NUMBER|NAME|PRIVATE))[_ ]?(\d+)\]|\[?\b(EMAIL|URL|NUMBER|NAME|PRIVATE)_(\d+)\b\]?"
+)
+# a placeholder the remote model began when max_tokens ran out ("… is [NAM")
+CUT_PLACEHOLDER = re.compile(r"\s*\[(?:EMAIL|URL|NUMBER|NAME|PRIVATE|[A-Z]{1,7})?(?:_\d*)?$", re.I)
+FILL_END = re.compile(r"[\n.,;:!?\[\]()\"]")  # a repaired span ends at the first of these
+MAX_FILL_TOKENS = 8
 
 
 def find_spans(text: str, terms: list[str]) -> list[tuple[int, int, str]]:
@@ -78,9 +92,56 @@ def mask(text: str, spans: list[tuple[int, int, str]], table: dict[str, str]) ->
     return text
 
 
+def _key(m: re.Match) -> str:
+    """The table key of a placeholder match: "[name 2]" -> "[NAME_2]"."""
+    return f"[{(m.group(1) or m.group(3)).upper()}_{m.group(2) or m.group(4)}]"
+
+
 def restore(text: str, table: dict[str, str]) -> str:
-    """Put the originals back for every placeholder (with or without its brackets)."""
-    return PLACEHOLDER.sub(lambda m: table.get(f"[{m.group(1)}_{m.group(2)}]", m.group(0)), text)
+    """Put the originals back for every placeholder of `table` (with or without its brackets, any case);
+    placeholders not in the table are left as they are (`repair` handles those)."""
+    return PLACEHOLDER.sub(lambda m: table.get(_key(m), m.group(0)), text)
+
+
+def unknown_placeholders(text: str, table: dict[str, str]) -> list[re.Match]:
+    """Placeholders in `text` that `table` does not hold: ones the remote model made up."""
+    return [m for m in PLACEHOLDER.finditer(text) if _key(m) not in table]
+
+
+def drop_span(text: str, start: int, end: int) -> str:
+    """`text` without [start, end), the spaces around the cut tidied ("is [X]." -> "is.")."""
+    before, after = text[:start].rstrip(), text[end:].lstrip()
+    if before and after and not re.match(r"[.,;:!?)\]]", after):
+        return f"{before} {after}"
+    return before + after
+
+
+def clean_fill(text: str) -> str:
+    """The words a local model wrote for a placeholder: up to the first punctuation or line end."""
+    fill = FILL_END.split(text.strip(), maxsplit=1)[0].strip()
+    return "" if not fill or PLACEHOLDER.search(fill) else fill
+
+
+async def repair(local: ModelBackend, context: str, text: str, table: dict[str, str]) -> tuple[str, dict, list[str]]:
+    """Restore `text` and fix the placeholders the remote model invented: the local model, which may see
+    the private prompt, writes each one's words from `context` (the private prompt rendered for it) and the
+    answer so far; one it cannot fill is dropped. Returns (text, {invented: fill}, [dropped])."""
+    text = CUT_PLACEHOLDER.sub("", restore(text, table))
+    repaired: dict[str, str] = {}
+    dropped: list[str] = []
+    params = SamplingParams(temperature=0, max_tokens=MAX_FILL_TOKENS)
+    while found := unknown_placeholders(text, table):
+        m = found[0]
+        prefix = text[: m.start()].rstrip()
+        (gen,) = await local.generate([context + (" " if prefix and not context[-1:].isspace() else "") + prefix], params)
+        fill = clean_fill(gen.text)
+        if fill:
+            repaired[m.group(0)] = fill
+            text = f"{text[: m.start()].rstrip()} {fill}{text[m.end():]}" if m.start() else fill + text[m.end() :]
+        else:
+            dropped.append(m.group(0))
+            text = drop_span(text, m.start(), m.end())
+    return text, repaired, dropped
 
 
 class FederatedParams(BaseModel):
@@ -132,9 +193,16 @@ class Federated(Strategy):
         sent = await render_prompt(remote, generic)
         (gen,) = await remote.generate([sent], request.params)
         kinds = [k[1:].rsplit("_", 1)[0] for k in table]
+        text = restore(gen.text, table)
+        repaired: dict[str, str] = {}
+        dropped: list[str] = []
+        if unknown_placeholders(text, table) or CUT_PLACEHOLDER.search(text):
+            context = await render_prompt(local, request)  # the private prompt: it never leaves the local model
+            text, repaired, dropped = await repair(local, context, text, table)
         meta = {
             "output_model": "remote",
             "sent_remote": [sent],
             "masked": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
+            "invented": {"repaired": repaired, "dropped": dropped},
         }
-        return await answer(gen, emit, meta, restore(gen.text, table))
+        return await answer(gen, emit, meta, text)

@@ -121,10 +121,22 @@ def get_strategy(name: str) -> type[Strategy]:
 
 
 async def render_prompt(backend: ModelBackend, request: Request) -> str:
-    """The request as this model's prompt text: its chat template for messages, else a plain transcript."""
+    """The request as this model's prompt text: its chat template for messages, else a completion prompt.
+
+    A model without a chat template is a base (completion) model: it continues text, and a chat
+    transcript makes it continue the conversation, often repeating the question. One question (with an
+    optional system message before it) becomes "Question: …\nAnswer:", the format base models saw in
+    pre-training (QA pages, benchmarks); a longer conversation becomes a "User:/Assistant:" transcript.
+    Stop on "\nQuestion:" / "\nUser:" to end the answer there.
+    """
     if request.messages is None:
         return request.prompt
     if (await backend.info()).has_chat_template:
         return await backend.apply_chat_template(request.messages)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in request.messages]
-    return "\n".join(lines) + "\nAssistant:"
+    system = [m["content"] for m in request.messages if m["role"] == "system"]
+    turns = [m for m in request.messages if m["role"] != "system"]
+    head = "".join(f"{s}\n\n" for s in system)
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return f"{head}Question: {turns[0]['content']}\nAnswer:"
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in turns]
+    return head + "\n".join(lines) + "\nAssistant:"

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.core.types import Generation, Usage
+from collab_ray.core.types import Generation
 from collab_ray.ensemble.common import respond, sample_models
 from collab_ray.ensemble.rank import judge_scores
 from collab_ray.ensemble.vote import EXTRACTORS, majority_vote
@@ -166,12 +166,11 @@ class Cascade(Strategy):
     async def run(self, models, request: Request, emit: Emit | None = None) -> StrategyResult:
         p = self.params
         stages, thresholds = self.stages(models)
-        confidences, completion = [], 0
+        confidences = []
         for i, name in enumerate(stages):
-            g, conf, gens = await self.confidence(models, request, name)
-            completion += sum(x.usage.completion_tokens for x in gens)
+            g, conf, _ = await self.confidence(models, request, name)
             confidences.append(conf)
             if i == len(stages) - 1 or conf >= thresholds[i]:
                 break
         collab = {"stage": i, "model": name, "signal": p.signal, "confidences": confidences}
-        return await respond(g, name, collab, emit, Usage(g.usage.prompt_tokens, completion))
+        return await respond(g, name, collab, emit)

@@ -7,8 +7,6 @@ import asyncio
 import json
 from dataclasses import asdict
 
-from collab_ray.eval.datasets import load
-
 
 def _models(specs: list[str]) -> dict:
     """`--model` entries, `SOURCE` or `NAME=SOURCE` (NAME: the model's name in the collaboration config)."""
@@ -29,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def route_train(args) -> int:
     from collab_ray.ensemble.route import train_router
+    from collab_ray.eval.datasets import load
 
     if len(args.model) < 2:
         raise SystemExit(f"route train needs at least 2 --model entries, got {args.model}")
@@ -43,6 +42,7 @@ def route_train(args) -> int:
 
 def cascade_calibrate(args) -> int:
     from collab_ray.ensemble.cascade import calibrate_cascade
+    from collab_ray.eval.datasets import load
 
     if (args.target_accuracy is None) == (args.target_share is None):
         raise SystemExit("cascade calibrate needs exactly one of --target-accuracy and --target-share")

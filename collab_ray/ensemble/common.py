@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.decoding import answer
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, StrategyResult, render_prompt
-from collab_ray.core.types import Generation, Usage
+from collab_ray.core.types import Generation
+
+
+def repeats_question(answer: str, question: str) -> bool:
+    """Whether `answer` only repeats the question (base models often echo it) or says nothing.
+
+    After lower-casing and dropping punctuation: no word that the question lacks, and at least half of
+    the question's words (so a short answer that reuses a word of the question, "blue", is an answer).
+    """
+    words = re.findall(r"\w+", answer.lower())
+    asked = re.findall(r"\w+", question.lower())
+    if not words:
+        return True
+    return set(words) <= set(asked) and len(words) >= max(1, len(set(asked)) // 2)
 
 
 def pick(models: dict[str, ModelBackend], names: list[str] | None, what: str) -> list[str]:
@@ -35,9 +49,11 @@ async def sample_models(
     return dict(zip(names, gens))
 
 
-async def respond(g: Generation, model: str, collab: dict, emit: Emit | None, usage: Usage | None = None) -> StrategyResult:
-    """The chosen generation as the response (streamed in one piece), with what the strategy decided."""
-    result = await answer(g, emit, {"output_model": model, "collab": collab})
-    if usage is not None:
-        result.usage = usage
-    return result
+async def respond(g: Generation, model: str, collab: dict, emit: Emit | None) -> StrategyResult:
+    """The chosen generation as the response (streamed in one piece), with what the strategy decided.
+
+    Its usage is the chosen answer's (so `completion_tokens` never exceeds the request's `max_tokens`);
+    what every model generated on the way, candidates and stages included, is counted per model in the
+    response's `models` metadata.
+    """
+    return await answer(g, emit, {"output_model": model, "collab": collab})

@@ -7,7 +7,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.decoding import user_text
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.core.types import Usage
 from collab_ray.ensemble.common import pick, respond, sample_models
 
 AGGREGATE = (
@@ -42,13 +41,11 @@ class Moa(Strategy):
         aggregator = pick(models, [p.aggregator or list(models)[-1]], "moa aggregator")[0]
         proposers = pick(models, p.proposers or [n for n in models if n != aggregator], "moa proposers")
         q = user_text(request)
-        current, spent, answers = request, [], []
+        current, answers = request, []
         for _ in range(p.layers):
             gens = await sample_models(models, proposers, current, 1, None)
-            spent += [gs[0] for gs in gens.values()]
             answers = [gs[0].text for gs in gens.values()]
             current = Request(messages=[{"role": "user", "content": aggregate_prompt(q, answers, p.template)}], params=request.params)
         (final,) = (await sample_models(models, [aggregator], current, 1, None))[aggregator]
         collab = {"layers": p.layers, "proposers": proposers, "aggregator": aggregator, "proposals": answers}
-        usage = Usage(final.usage.prompt_tokens, sum(g.usage.completion_tokens for g in spent) + final.usage.completion_tokens)
-        return await respond(final, aggregator, collab, emit, usage)
+        return await respond(final, aggregator, collab, emit)

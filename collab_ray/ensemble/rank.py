@@ -1,5 +1,9 @@
 """`rank`: best-of-N. Every generator model proposes candidates; judge models score them by mean
-token log-prob, by a yes/no verdict's log-likelihood, or pairwise (PairRanker, Jiang et al. 2023)."""
+token log-prob, by a yes/no verdict's log-likelihood, or pairwise (PairRanker, Jiang et al. 2023).
+
+A candidate that only repeats the question (a base model's echo scores a high log-prob: every
+token of it is in the prompt) or is empty is never picked while another candidate answers.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from collab_ray.core.strategy import (
     register,
     render_prompt,
 )
-from collab_ray.core.types import LoglikelihoodResult, Usage
-from collab_ray.ensemble.common import pick, respond, sample_models
+from collab_ray.core.types import LoglikelihoodResult
+from collab_ray.ensemble.common import pick, repeats_question, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 
 YES_NO = "Question: {question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer yes or no.\nAnswer:"
@@ -115,12 +119,14 @@ class Rank(Strategy):
         texts = [g.text for _, g in flat]
         per_judge = await asyncio.gather(*(judge_scores(models[j], request, texts, p.scorer) for j in judges))
         scores = [sum(col) / len(judges) for col in zip(*per_judge)]
-        decision = best_of(scores)
+        q = user_text(request)
+        echo = [repeats_question(t, q) for t in texts]
+        eligible = [s if not e or all(echo) else float("-inf") for s, e in zip(scores, echo)]
+        decision = best_of(eligible)
         name, chosen = flat[decision.index]
         collab = {
             "scorer": p.scorer,
             "chosen": decision.index,
-            "candidates": [{"model": n, "score": s} for (n, _), s in zip(flat, scores)],
+            "candidates": [{"model": n, "score": s, "repeats_question": e} for (n, _), s, e in zip(flat, scores, echo)],
         }
-        usage = Usage(chosen.usage.prompt_tokens, sum(g.usage.completion_tokens for _, g in flat))
-        return await respond(chosen, name, collab, emit, usage)
+        return await respond(chosen, name, collab, emit)

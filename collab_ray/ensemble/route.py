@@ -5,6 +5,9 @@ A router predicts each model's score on a query from query features (ridge regre
 most expensive model only when its predicted gain over the best other model exceeds a threshold
 calibrated to a target share of calls (RouteLLM, Ong et al. 2024). Routers are saved as `.npz`
 (arrays plus a JSON header, loaded with `allow_pickle=False`).
+
+When the routed model's answer only repeats the question (a base model's echo) or is empty, the
+next model by predicted score answers instead (`collab.fallback`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from collab_ray.core.decoding import user_text
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.ensemble.common import respond, sample_models
+from collab_ray.ensemble.common import repeats_question, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 from collab_ray.eval.datasets import Dataset
 from collab_ray.eval.harness import run_model
@@ -196,7 +199,16 @@ class Route(Strategy):
         return ChoiceDecision(c.index, {"routed_to": name, "gain": d.gain})
 
     async def run(self, models, request: Request, emit: Emit | None = None) -> StrategyResult:
-        name, d = self.choose_model(models, user_text(request))
-        (g,) = (await sample_models(models, [name], request, 1, None))[name]
-        collab = {"routed_to": name, "predicted": dict(zip(self.router.models, d.predicted)), "gain": d.gain}
-        return await respond(g, name, collab, emit)
+        question = user_text(request)
+        name, d = self.choose_model(models, question)
+        predicted = dict(zip(self.router.models, d.predicted))
+        order = [name] + sorted((m for m in self.router.models if m != name), key=lambda m: -predicted[m])
+        answers = {}
+        for candidate in order:  # the routed model first; the next by predicted score only if it echoed
+            (answers[candidate],) = (await sample_models(models, [candidate], request, 1, None))[candidate]
+            if not repeats_question(answers[candidate].text, question):
+                break
+        else:
+            candidate = name  # every model only echoed: the routed model's answer after all
+        collab = {"routed_to": name, "predicted": predicted, "gain": d.gain, "fallback": [m for m in answers if m != name]}
+        return await respond(answers[candidate], candidate, collab, emit)

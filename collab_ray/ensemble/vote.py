@@ -1,5 +1,12 @@
 """`vote`: majority vote / self-consistency over answers extracted from samples of several models
-(Wang et al. 2023, self-consistency; weighted by model as in LLM-Blender-style ensembles)."""
+(Wang et al. 2023, self-consistency; weighted by model as in LLM-Blender-style ensembles).
+
+Free-form answers rarely match exactly, so `extract: consensus` votes by similarity instead: each
+sample scores the weighted unigram F1 it shares with the others, and the most agreed-with sample
+wins (a medoid, as in minimum-Bayes-risk decoding and universal self-consistency). A sample that
+only repeats the question does not vote. The response is one sample, so its length is bounded
+by `max_tokens`; every sample's tokens are counted per model in the metadata.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from collab_ray.cooperate.detect import token_f1
+from collab_ray.core.decoding import user_text
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.core.types import Usage
-from collab_ray.ensemble.common import pick, respond, sample_models
+from collab_ray.ensemble.common import pick, repeats_question, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, choice_probs
 from collab_ray.eval.metrics import normalize_answer
 
@@ -72,6 +80,22 @@ def majority_vote(answers: list[str | None], weights: list[float]) -> VoteDecisi
     return VoteDecision(answer, answers.index(answer), dict(counts))
 
 
+def consensus_vote(texts: list[str], weights: list[float], voting: list[bool] | None = None) -> VoteDecision:
+    """argmax_i Σ_{j≠i} w_j F1(text_i, text_j) over the voting samples (all by default); ties go to the first.
+
+    `counts` maps each voting sample's index (as a string) to its agreement score.
+    """
+    voting = voting if voting is not None else [True] * len(texts)
+    idx = [i for i, v in enumerate(voting) if v]
+    if not idx:
+        return VoteDecision(None, 0, {})
+    if len(idx) == 1:
+        return VoteDecision(texts[idx[0]], idx[0], {str(idx[0]): 0.0})
+    score = {i: sum(weights[j] * token_f1(texts[i], texts[j]) for j in idx if j != i) for i in idx}
+    best = max(idx, key=lambda i: (score[i], -i))
+    return VoteDecision(texts[best], best, {str(i): round(s, 4) for i, s in score.items()})
+
+
 class VoteParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,8 +103,10 @@ class VoteParams(BaseModel):
     temperature: float | None = Field(
         None, ge=0.0, le=100.0, description="Sampling temperature of the votes; default the request's."
     )
-    extract: Literal["choice", "number", "text"] = Field(
-        "text", description="Answer extraction: multiple-choice letter, last number, or normalized first line."
+    extract: Literal["choice", "number", "text", "consensus"] = Field(
+        "text",
+        description="How samples vote: by their multiple-choice letter, last number, or normalized first line (exact "
+        "match), or `consensus`: the sample sharing the most words with the others wins (free-form answers).",
     )
     weights: dict[str, float] | None = Field(None, description="Vote weight per model name; default 1 each.")
 
@@ -107,14 +133,20 @@ class Vote(Strategy):
         pick(models, list(weights), "vote weights")
         gens = await sample_models(models, list(models), request, p.samples, p.temperature)
         flat = [(name, g) for name, gs in gens.items() for g in gs]
-        extract = EXTRACTORS[p.extract]
-        answers = [extract(g.text) for _, g in flat]
-        decision = majority_vote(answers, [weights.get(name, 1.0) for name, _ in flat])
+        w = [weights.get(name, 1.0) for name, _ in flat]
+        question = user_text(request)
+        voting = [not repeats_question(g.text, question) for _, g in flat]
+        if p.extract == "consensus":
+            answers = [g.text.strip() for _, g in flat]
+            decision = consensus_vote(answers, w, voting if any(voting) else None)
+        else:
+            extract = EXTRACTORS[p.extract]
+            answers = [extract(g.text) if v or not any(voting) else None for (_, g), v in zip(flat, voting)]
+            decision = majority_vote(answers, w)
         name, chosen = flat[decision.index]
         collab = {
             "answer": decision.answer,
             "counts": decision.counts,
             "answers": {m: [answers[i] for i, (n, _) in enumerate(flat) if n == m] for m in gens},
         }
-        usage = Usage(chosen.usage.prompt_tokens, sum(g.usage.completion_tokens for _, g in flat))
-        return await respond(chosen, name, collab, emit, usage)
+        return await respond(chosen, name, collab, emit)

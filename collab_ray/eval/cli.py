@@ -18,16 +18,20 @@ import asyncio
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collab_ray.core.errors import ConfigError
-from collab_ray.core.pipeline import Pipeline
-from collab_ray.eval.datasets import Dataset, load
-from collab_ray.eval.harness import HEADER, PipelineScore, evaluate
-from collab_ray.eval.plot import accuracy_svg
+
+if TYPE_CHECKING:  # the harness pulls in torch: imported where used, so `collab-ray --help` stays fast
+    from collab_ray.core.pipeline import Pipeline
+    from collab_ray.eval.datasets import Dataset
+    from collab_ray.eval.harness import PipelineScore
 
 
 def pipelines_from_args(models: dict, specs: list[str]) -> dict[str, Pipeline]:
     """A `single` pipeline per model, plus one pipeline per `STRATEGY[:json]` spec over all models."""
+    from collab_ray.core.pipeline import Pipeline
+
     pipelines = {name: Pipeline("single", {name: b}) for name, b in models.items()}
     for spec in specs:
         strategy, _, raw = spec.partition(":")
@@ -57,6 +61,8 @@ def pipelines_from_config(path: str, names: list[str]) -> dict[str, Pipeline]:
 
 
 def format_table(scores: list[PipelineScore]) -> str:
+    from collab_ray.eval.harness import HEADER
+
     rows = [HEADER] + [s.row() for s in scores]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(HEADER))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
@@ -64,6 +70,9 @@ def format_table(scores: list[PipelineScore]) -> str:
 
 def eval_pipelines(pipelines: dict[str, Pipeline], dataset: Dataset, output: str | None = None) -> str:
     """Score the pipelines; write OUTPUT.json and OUTPUT.svg when `output` is given; return the table."""
+    from collab_ray.eval.harness import evaluate
+    from collab_ray.eval.plot import accuracy_svg
+
     scores, runs = asyncio.run(evaluate(pipelines, dataset))
     table = format_table(list(scores.values()))
     if output:
@@ -81,6 +90,7 @@ def eval_pipelines(pipelines: dict[str, Pipeline], dataset: Dataset, output: str
 
 
 def run_eval(args) -> int:
+    from collab_ray.eval.datasets import load
     from collab_ray.models.backend import TransformersBackend
 
     if bool(args.config) == bool(args.model):

