@@ -132,13 +132,16 @@ def _validation_error(e: ValidationError) -> APIError:
     return bad(param or None, f"{param or 'body'}: {what}{got}")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _param(loc) -> str:
     """A pydantic error location as a field path, without union-member tags."""
     parts = []
     for p in loc:
         if isinstance(p, int):
             parts.append(str(p))
-        elif p and p[0].islower() and "[" not in p and p not in {"str", "int", "float", "bool", "dict", "list", "none"} and not p.startswith("function-"):
+        elif p and p[0].islower() and "[" not in p and p not in _TYPE_TAGS and not p.startswith("function-"):
             parts.append(p)
     return ".".join(parts)
 
@@ -354,7 +357,9 @@ def create_app(coordinator: Coordinator, api_key: str | None = None) -> FastAPI:
     _setup_logging(server.access_log)
     metrics = Metrics()
     api = _API(coordinator, server, metrics)
-    app = FastAPI(title="collab_ray", description="OpenAI-compatible API over collaborating LLMs", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="collab_ray", description="OpenAI-compatible API over collaborating LLMs", docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.add_middleware(_Gate, api_key=api_key, server=server, metrics=metrics)
     app.state.metrics = metrics
 
@@ -397,22 +402,16 @@ def create_app(coordinator: Coordinator, api_key: str | None = None) -> FastAPI:
         coordinator.pipeline(model_id)
         return api.model_card(model_id)
 
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        return await api.completions(request, parse(CompletionBody, await read_json(request)))
+    def post(body_cls, handler):
+        async def endpoint(request: HTTPRequest):
+            return await handler(request, parse(body_cls, await read_json(request)))
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: HTTPRequest):
-        return await api.chat(request, parse(ChatBody, await read_json(request)))
+        return endpoint
 
-    @app.post("/tokenize")
-    async def tokenize(request: HTTPRequest):
-        return await api.tokenize(request, parse(TokenizeBody, await read_json(request)))
-
-    @app.post("/detokenize")
-    async def detokenize(request: HTTPRequest):
-        return await api.detokenize(request, parse(DetokenizeBody, await read_json(request)))
-
+    routes = {"/v1/completions": (CompletionBody, api.completions), "/v1/chat/completions": (ChatBody, api.chat),
+              "/tokenize": (TokenizeBody, api.tokenize), "/detokenize": (DetokenizeBody, api.detokenize)}  # fmt: skip
+    for path, (body_cls, handler) in routes.items():
+        app.add_api_route(path, post(body_cls, handler), methods=["POST"])
     return app
 
 
@@ -477,7 +476,8 @@ class _API:
         if refused:
             field = refused[0]
             where = "single-model pipelines" if field == "logit_bias" else "pipelines whose tokens all come from the models' own sampler"
-            raise bad(field, f"{field} is not supported by pipeline {name!r} (strategy {strategy}): only {where} apply it", "unsupported_parameter")
+            message = f"{field} is not supported by pipeline {name!r} (strategy {strategy}): only {where} apply it"
+            raise bad(field, message, "unsupported_parameter")
         top_k = body.top_k if body.top_k and body.top_k > 0 else 0
         try:
             return SamplingParams(
@@ -520,12 +520,14 @@ class _API:
                           f"the prompt has {n} tokens; this server's limit is {self.server.max_prompt_tokens}", "prompt_too_long")  # fmt: skip
             if info.max_context is not None and n + max_tokens_needed > info.max_context:
                 raise bad("prompt" if request.prompt is not None else "messages",
-                          f"the prompt has {n} tokens, which leaves no room in the context of model {role!r} ({info.max_context} tokens)", "context_length_exceeded")  # fmt: skip
+                          f"the prompt has {n} tokens, which leaves no room in the context of model {role!r} "
+                          f"({info.max_context} tokens)", "context_length_exceeded")  # fmt: skip
         return max(n for _, _, n in counts)
 
     def check_choices(self, prompts: int, n: int) -> None:
         if prompts * n > self.server.max_choices_per_request:
-            raise bad("n", f"{prompts} prompt(s) × n={n} exceeds this server's limit of {self.server.max_choices_per_request} choices per request")
+            limit = self.server.max_choices_per_request
+            raise bad("n", f"{prompts} prompt(s) × n={n} exceeds this server's limit of {limit} choices per request")
 
     async def token_texts(self, backend, ids: list[int]) -> list[tuple[str, bytes]]:
         """Each token's text and bytes (special tokens: empty)."""
@@ -577,7 +579,8 @@ class _API:
             raise bad("prompt", f"prompt: token id {bad_ids[0]} is outside the vocabulary of {info.vocab_size} tokens")
         text = await backend.decode(ids, True)
         if await backend.encode(text) != list(ids):
-            raise bad("prompt", f"prompt: these token ids do not round-trip through model {role!r}'s tokenizer (send what /tokenize returns, or text)")
+            raise bad("prompt", f"prompt: these token ids do not round-trip through the tokenizer of model {role!r} "
+                      "(send what /tokenize returns, or text)")  # fmt: skip
         return text
 
     async def logprobs_for(self, name: str, request: Request, r: StrategyResult, k: int, echo: bool):
@@ -684,7 +687,8 @@ class _API:
         self.pipeline(http, name)
         n = body.n or 1
         if body.response_format is not None and body.response_format.type != "text":
-            raise bad("response_format", f"response_format {body.response_format.type!r} is not supported (constrained decoding); only 'text'", "unsupported_parameter")
+            kind = body.response_format.type
+            raise bad("response_format", f"response_format {kind!r} is not supported (constrained decoding); only 'text'", "unsupported_parameter")
         if body.tools:
             raise bad("tools", "tools (function calling) are not supported by this server", "unsupported_parameter")
         if body.tool_choice not in (None, "none", "auto"):
@@ -841,7 +845,8 @@ def _message(i: int, m: ChatMessage) -> dict:
         texts = []
         for j, part in enumerate(m.content):
             if part.type != "text" or not hasattr(part, "text"):
-                raise bad(f"{where}.content.{j}.type", f"{where}.content.{j}: content part type {shorten(part.type)} is not supported (text only)", "unsupported_content")
+                message = f"{where}.content.{j}: content part type {shorten(part.type)} is not supported (text only)"
+                raise bad(f"{where}.content.{j}.type", message, "unsupported_content")
             texts.append(part.text)
         content = "\n".join(texts)
     out = {"role": "system" if m.role == "developer" else m.role, "content": content}
