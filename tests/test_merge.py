@@ -774,6 +774,7 @@ def _lora_adapter(model_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_ckpts(tok_ckpts, tmp_path_factory):
+    pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("lora")
     return {**tok_ckpts, "lora1": _lora_adapter(tok_ckpts["tok_base"], root / "lora1", 1), "lora2": _lora_adapter(tok_ckpts["tok_base"], root / "lora2", 2)}
 
@@ -853,3 +854,34 @@ def test_hub_ids_resolve_offline_from_the_cache(ckpts, tmp_path):
         (tmp_path / "bad.yaml").write_text(f"merge_method: linear\nmodels: [{{model: {ref}, parameters: {{weight: 1}}}}]\n")
         run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "bad.yaml"), str(tmp_path / "bad")], capture_output=True, text=True, env=env)
         assert run.returncode != 0 and message in run.stderr, (ref, run.stderr[-2000:])
+
+
+def test_extract_lora_round_trip(lora_ckpts, tmp_path):
+    """base+lora1 merged, its LoRA extracted by the CLI at the adapter's rank, applied with peft to the base:
+    the same model; at a lower rank, the best rank-r approximation of each difference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = {"merge_method": "task_arithmetic", "base_model": str(lora_ckpts["tok_base"]), "dtype": "float32",
+              "models": [{"model": f"{lora_ckpts['tok_base']}+{lora_ckpts['lora1']}", "parameters": {"weight": 1.0}}]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
+    target = merge_to_state_dict(config)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    for rank in (4, 2):
+        args = parser.parse_args(["merge", str(tmp_path / "m.yaml"), str(tmp_path / f"lora{rank}"), "--extract-lora", str(rank), "--no-progress"])
+        assert args.func(args) == 0
+        adapter = json.loads((tmp_path / f"lora{rank}" / "adapter_config.json").read_text())
+        assert adapter["r"] == rank and "model.layers.0.self_attn.q_proj" in adapter["target_modules"]
+        model = AutoModelForCausalLM.from_pretrained(lora_ckpts["tok_base"], dtype=torch.float32)
+        restored = PeftModel.from_pretrained(model, tmp_path / f"lora{rank}").merge_and_unload().state_dict()
+        name = "model.layers.1.mlp.down_proj.weight"
+        if rank == 4:
+            _assert_same({k: restored[k] for k in target}, target, atol=1e-5)
+        else:
+            base = load_file(lora_ckpts["tok_base"] / "model.safetensors")[name]
+            s = torch.linalg.svdvals(target[name] - base)
+            error = torch.linalg.matrix_norm(restored[name] - target[name])
+            assert error == pytest.approx(s[2:].square().sum().sqrt(), rel=1e-3)  # Eckart–Young: the tail singular values
+    with pytest.raises(ConfigError, match="base_model"):
+        merge({"merge_method": "linear", "models": [{"model": str(lora_ckpts["tok_a"]), "parameters": {"weight": 1}}]}, tmp_path / "x", extract_lora=2, progress=False)

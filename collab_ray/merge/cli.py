@@ -18,7 +18,13 @@ def register(subparsers) -> None:
     p.add_argument("config", metavar="MERGE.yaml", help="mergekit merge configuration")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created; must not exist unless --overwrite)")
     _output_options(p)
-    p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (dare_*), default 0")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (dare_*, della*), default 0")
+    p.add_argument(
+        "--extract-lora",
+        type=int,
+        metavar="RANK",
+        help="write the merge's difference to its base_model as a PEFT LoRA adapter of this rank instead of the merged model",
+    )
     p.set_defaults(func=run_merge)
 
     s = subparsers.add_parser(
@@ -57,6 +63,7 @@ def run_merge(args: argparse.Namespace) -> int:
             seed=args.random_seed,
             overwrite=args.overwrite,
             progress=args.progress,
+            extract_lora=args.extract_lora,
         )
     )
 

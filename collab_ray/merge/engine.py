@@ -36,16 +36,24 @@ def merge(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    extract_lora: int | None = None,
 ) -> Path:
     """Merge as `config` (a mergekit YAML file, YAML text, dict or MergeConfig) says, into `out_dir`.
 
     Writes sharded safetensors (+ index), the donor's config.json (layer count and dtype updated)
     and its tokenizer files. Everything is checked before the first tensor is merged, and the
-    output appears under `out_dir` only once complete (written to a temp dir, then renamed).
+    output appears under `out_dir` only once complete (written to a temp dir, then renamed). With
+    `extract_lora` = RANK, `out_dir` gets the merge's difference to its base_model as a PEFT LoRA
+    adapter of that rank instead (see `collab_ray.merge.lora`).
     """
     max_bytes = parse_size(out_shard_size)
     with tempfile.TemporaryDirectory(prefix="collab-ray-models-") as work:  # merged LoRA adapters live here
         plan = build_plan(load_config(config), partial(open_model_files, work=Path(work)))
+        if extract_lora is not None:
+            from collab_ray.merge.lora import extract_lora as extract
+
+            merged = iter_merged(plan, device=device, seed=seed, progress=False)
+            return extract(plan, merged, out_dir, extract_lora, overwrite=overwrite, progress=progress)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             writer = StreamingWriter(tmp, [job.out for job in plan.jobs], max_bytes)
             for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):

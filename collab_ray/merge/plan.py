@@ -58,6 +58,7 @@ class MergePlan:
     cast: torch.dtype | None = None  # `dtype`: inputs are cast to it before merging
     vocabulary: Vocabulary | None = None  # output vocabulary (tokenizer_source / tokenizer), else None
     chat_template: str | None = None  # resolved `chat_template`
+    base: ModelFiles | None = None  # the global base_model
 
 
 def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = ModelFiles) -> MergePlan:
@@ -115,6 +116,7 @@ def build_plan(config: MergeConfig, open_model: Callable[[str], ModelFiles] = Mo
         setup=setup,
         cast=getattr(torch, config.dtype) if config.dtype else None,
         vocabulary=vocabulary,
+        base=model(config.base_model) if config.base_model else None,
         chat_template=resolve_chat_template(config.chat_template, referenced) if config.chat_template else None,
     )
 
