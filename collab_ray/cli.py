@@ -27,6 +27,9 @@ LAZY: dict[str, tuple[str, str]] = {
 }
 
 
+OWN = ("models", "demo", "serve")  # registered here, by _register_own
+
+
 def _models_list(args) -> int:
     from collab_ray.models import packaged, tiny
 
@@ -124,7 +127,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_own(sub)
     command = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
-    wanted = {module for module, _ in LAZY.values()} if argv is None else {LAZY[command][0]} if command in LAZY else set()
+    if command in LAZY:
+        wanted = {LAZY[command][0]}
+    elif command is None or command in OWN:
+        wanted = set() if argv is not None else {module for module, _ in LAZY.values()}
+    else:  # a command LAZY does not know yet (or a typo): load every module, so it runs or argparse names the choices
+        wanted = {module for module, _ in LAZY.values()}
     for name, (module, help_text) in LAZY.items():
         if module in wanted:
             if name == next(n for n, (m, _) in LAZY.items() if m == module):  # register each module once
