@@ -885,3 +885,28 @@ def test_extract_lora_round_trip(lora_ckpts, tmp_path):
             assert error == pytest.approx(s[2:].square().sum().sqrt(), rel=1e-3)  # Eckart–Young: the tail singular values
     with pytest.raises(ConfigError, match="base_model"):
         merge({"merge_method": "linear", "models": [{"model": str(lora_ckpts["tok_a"]), "parameters": {"weight": 1}}]}, tmp_path / "x", extract_lora=2, progress=False)
+
+
+def test_multi_stage_merge_runs_in_dependency_order_and_cleans_up(ckpts, tmp_path):
+    stages = {  # the final merge first and a stage before the stage it uses: order comes from the references
+        "final": "merge_method: slerp\nbase_model: base\nmodels: [{model: base}, {model: mixed}]\nparameters: {t: 0.3}\n",
+        "mixed": "name: mixed\nmerge_method: task_arithmetic\nbase_model: base\nmodels: [{model: pair, parameters: {weight: 0.5}}, {model: ft2, parameters: {weight: 0.5}}]\n",
+        "pair": "name: pair\nmerge_method: linear\nmodels: [{model: ft0, parameters: {weight: 1}}, {model: ft1, parameters: {weight: 1}}]\n",
+    }
+    text = "---\n".join(yaml.safe_dump(_yaml(t, ckpts)) for t in stages.values())
+    (tmp_path / "multi.yaml").write_text(text)
+    out = merge(tmp_path / "multi.yaml", tmp_path / "out" / "model", progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]  # intermediates removed
+
+    pair = merge(_yaml(stages["pair"].replace("name: pair\n", ""), ckpts), tmp_path / "pair", progress=False)
+    mixed = merge(_yaml(stages["mixed"].replace("name: mixed\n", ""), {**ckpts, "pair": pair}), tmp_path / "mixed", progress=False)
+    expected = merge_to_state_dict(_yaml(stages["final"], {**ckpts, "mixed": mixed}))
+    _assert_same(_load_dir(out), expected)
+    _assert_same(merge_to_state_dict(text), expected)
+
+    cycle = "name: a\nmerge_method: linear\nmodels: [{model: b, parameters: {weight: 1}}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        merge(cycle, tmp_path / "cycle", progress=False)
+    with pytest.raises(ConfigError, match="stage 'bad'.*weigth"):
+        merge("name: bad\nmerge_method: linear\nmodels: [{model: x, parameters: {weigth: 1}}]\n---\nmerge_method: linear\nmodels: [{model: bad, parameters: {weight: 1}}]\n", tmp_path / "bad", progress=False)
+    assert not (tmp_path / "cycle").exists() and not (tmp_path / "bad").exists()

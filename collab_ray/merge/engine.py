@@ -21,6 +21,7 @@ from tqdm import tqdm
 from collab_ray.merge.config import MergeConfig, load_config
 from collab_ray.merge.io import TOKENIZER_FILES, ModelFiles, StreamingWriter, atomic_output_dir, open_model_files, parse_size, write_side_files
 from collab_ray.merge.plan import MergePlan, TensorJob, build_plan
+from collab_ray.merge.stages import read_documents, run_stages
 
 log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -46,6 +47,15 @@ def merge(
     `extract_lora` = RANK, `out_dir` gets the merge's difference to its base_model as a PEFT LoRA
     adapter of that rank instead (see `collab_ray.merge.lora`).
     """
+    docs = read_documents(config)
+    if docs is not None:  # a multi-stage config: earlier stages into temporary directories
+        options = dict(device=device, out_shard_size=out_shard_size, seed=seed, progress=progress)
+        return run_stages(
+            docs,
+            Path(out_dir),
+            lambda stage, where: merge(stage, where, **options),
+            lambda final: merge(final, out_dir, overwrite=overwrite, extract_lora=extract_lora, **options),
+        )
     max_bytes = parse_size(out_shard_size)
     with tempfile.TemporaryDirectory(prefix="collab-ray-models-") as work:  # merged LoRA adapters live here
         plan = build_plan(load_config(config), partial(open_model_files, work=Path(work)))
@@ -77,6 +87,12 @@ def merge_to_state_dict(
     `open_model` maps a model reference to its tensors: by default read from disk; coefficient
     search passes weights it already holds in memory.
     """
+    docs = read_documents(config)
+    if docs is not None:
+        with tempfile.TemporaryDirectory(prefix="collab-ray-stages-") as stages:
+            options = dict(device=device, seed=seed, progress=progress)
+            run_one = lambda stage, where: merge(stage, where, **options)  # noqa: E731
+            return run_stages(docs, Path(stages) / "out", run_one, lambda final: merge_to_state_dict(final, open_model=open_model, **options))
     with tempfile.TemporaryDirectory(prefix="collab-ray-models-") as work:
         plan = build_plan(load_config(config), open_model or partial(open_model_files, work=Path(work)))
         return dict(iter_merged(plan, device=device, seed=seed, progress=progress))
