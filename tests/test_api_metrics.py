@@ -4,6 +4,7 @@ requests, and dropped streams give their decode sessions back."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -86,5 +87,33 @@ def test_dropped_streams_give_their_sessions_back(base):
         if scrape(base).get(gauge) == before[gauge]:
             break
         time.sleep(0.5)
-    assert scrape(base).get(gauge) == before[gauge]
+    after = scrape(base)
+    assert after.get(gauge) == before[gauge]
     assert requests.get(base + "/health", timeout=30).status_code == 200
+    labels = {"pipeline": "target", "endpoint": "completions"}
+    dropped, done = (
+        value(after, "collab_requests_total", status=s, **labels) - value(before, "collab_requests_total", status=s, **labels)
+        for s in ("499", "200")
+    )
+    assert dropped >= 1 and dropped + done == 12  # a stream the client left is logged and counted as 499
+
+
+def test_one_access_line_per_request_with_its_request_id(base, ray_cluster):
+    """The coordinator writes one access line (id, status, latency) and Serve's own line for it is gone."""
+    r = requests.post(base + "/v1/completions", json={"model": "target", "prompt": "x", "max_tokens": 1}, headers=HEADERS, timeout=60)
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 200 and rid
+    deadline, access, serve_lines = time.monotonic() + 15, [], []
+    while time.monotonic() < deadline and not access:
+        lines = [
+            line
+            for f in Path(ray_cluster.temp_dir).rglob("*")
+            if f.is_file() and f.suffix in (".log", ".err", ".out")
+            for line in f.read_text(errors="replace").splitlines()
+            if rid in line
+        ]
+        access = [line for line in lines if "collab_ray.access" in line]
+        serve_lines = [line for line in lines if "ingress" in line and "POST /v1/completions" in line and "collab_ray.access" not in line]
+        time.sleep(0.5)
+    assert len(access) == 1 and "POST /v1/completions 200" in access[0] and "ms" in access[0], access
+    assert not serve_lines, serve_lines

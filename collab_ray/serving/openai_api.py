@@ -50,6 +50,7 @@ log = logging.getLogger("collab_ray.api")
 access_log = logging.getLogger("collab_ray.access")
 
 MAX_JSON_DEPTH = 32
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned
 # the model a pipeline's output tokens (and token-id prompts, logit_bias, /tokenize) belong to
 OUTPUT_ROLE = {"speculative": "target", "compress": "target", "federated": "remote", "contrastive": "expert", "proxy": "base", "verify": "llm"}
 # strategies whose output model reads a rewritten prompt or whose answer is rewritten text:
@@ -816,11 +817,15 @@ class _API:
 
         async def events():
             task = asyncio.ensure_future(produce())
+            finished = False
             try:
                 while (item := await queue.get()) is not None:
                     yield item
                 yield "data: [DONE]\n\n"
+                finished = True
             finally:
+                if not finished:  # the client went away mid-stream: 499 in the access log and metrics
+                    state["status_override"] = CLIENT_CLOSED
                 task.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
