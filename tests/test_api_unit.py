@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from collab_ray.config import parse_config
-from collab_ray.core.types import Generation, ModelInfo, Usage
+from collab_ray.core.types import Generation, ModelInfo, Proposal, SessionStart, Usage
 from collab_ray.serving.api_errors import root_cause, scrub
 from collab_ray.serving.coordinator import Coordinator
 from collab_ray.serving.openai_api import classify, create_app
@@ -31,6 +31,7 @@ class FakeModel:
     def __init__(self):
         self.gate: asyncio.Event | None = None
         self.fail: Exception | None = None
+        self.proposals_before_failing = 0  # streams: proposals that succeed before `fail` is raised
 
     async def info(self):
         return ModelInfo("fake", 100, (0,), None, None, (0,), False, 64)
@@ -53,6 +54,19 @@ class FakeModel:
         if self.gate is not None:
             await self.gate.wait()
         return [Generation("ok", [1, 2], [-0.1, -0.2], "length", Usage(len(p), 2)) for p in prompts]
+
+    async def open_session(self, prompt_ids, *, session_id=None, top_k=None):
+        return SessionStart(session_id or "s", len(prompt_ids), None)
+
+    async def propose(self, session_id, k, params, *, top_k=None):
+        if self.fail is not None:
+            if self.proposals_before_failing <= 0:
+                raise self.fail
+            self.proposals_before_failing -= 1
+        return Proposal([1] * k, None)
+
+    async def close_session(self, session_id):
+        pass
 
 
 def make_app(**server):
@@ -127,11 +141,13 @@ def test_model_errors_reach_the_client_without_traceback_and_the_log_has_it_unde
             bad = await call(app, "POST", "/v1/completions", COMPLETION)
             model.fail = RuntimeError("CUDA error at /opt/conda/lib/libtorch.so on 10.1.2.3")
             boom = await call(app, "POST", "/v1/completions", COMPLETION)
-            model.fail = RuntimeError("mid-stream failure at /srv/app.py")
-            stream = await call(app, "POST", "/v1/completions", {**COMPLETION, "stream": True})
-            return bad, boom, stream
+            model.fail = RuntimeError("failure at /srv/app.py")
+            early = await call(app, "POST", "/v1/completions", {**COMPLETION, "stream": True})
+            model.proposals_before_failing = 2
+            stream = await call(app, "POST", "/v1/completions", {**COMPLETION, "max_tokens": 40, "stream": True})
+            return bad, boom, early, stream
 
-        bad, boom, stream = asyncio.run(scenario())
+        bad, boom, early, stream = asyncio.run(scenario())
     finally:
         logging.getLogger("collab_ray.api").removeHandler(handler)
     status, headers, body = bad
@@ -142,10 +158,12 @@ def test_model_errors_reach_the_client_without_traceback_and_the_log_has_it_unde
     assert body["error"]["request_id"] == rid
     logged = [r for r in records if rid in r.getMessage()]
     assert logged and logged[0].exc_info is not None  # the full traceback is in the server log
-    status, _, raw = stream
+    status, _, body = early  # failed before its first token: the real status, not a 200 stream
+    assert status == 500 and body["error"]["type"] == "internal_server_error" and "/srv" not in body["error"]["message"]
+    status, _, raw = stream  # failed mid-way: an OpenAI error event, then [DONE]
     events = [json.loads(line[6:]) for line in raw.decode().split("\n\n") if line.startswith("data: {")]
-    assert status == 200 and events[-1]["error"]["type"] == "internal_server_error" and "/srv" not in events[-1]["error"]["message"]
-    assert raw.decode().rstrip().endswith("data: [DONE]")
+    assert status == 200 and events[0]["choices"][0]["text"] and "/srv" not in events[-1]["error"]["message"]
+    assert events[-1]["error"]["type"] == "internal_server_error" and raw.decode().rstrip().endswith("data: [DONE]")
 
 
 def test_body_size_prompt_tokens_and_choices_limits():

@@ -644,7 +644,7 @@ class _API:
         if body.stream:
             if len(requests) > 1:
                 raise bad("prompt", "stream with a list of prompts is not supported; send one prompt", "unsupported_parameter")
-            return self.stream(http, body, requests[0], "text_completion", start)
+            return await self.stream(http, body, requests[0], "text_completion", start)
         per_prompt = await asyncio.gather(*(self.coordinator.run(name, r, n) for r in requests))
         choices = []
         for p_i, (req, results) in enumerate(zip(requests, per_prompt)):
@@ -708,7 +708,7 @@ class _API:
         request = Request(messages=messages, params=params)
         await self.check_prompt(name, request)
         if body.stream:
-            return self.stream(http, body, request, "chat.completion.chunk", start)
+            return await self.stream(http, body, request, "chat.completion.chunk", start)
         results = await self.coordinator.run(name, request, n)
         choices = []
         for i, r in enumerate(results):
@@ -760,9 +760,11 @@ class _API:
         return {"prompt": await backend.decode(body.tokens, True)}
 
     # ---- streaming --------------------------------------------------------------------------
-    def stream(self, http: HTTPRequest, body, request: Request, obj: str, start: float) -> StreamingResponse:
-        """Server-sent events as OpenAI sends them: deltas, a finish chunk per choice, the usage chunk
-        only with stream_options.include_usage, then [DONE]; an error becomes an error event."""
+    async def stream(self, http: HTTPRequest, body, request: Request, obj: str, start: float) -> StreamingResponse:
+        """Server-sent events as OpenAI sends them: deltas, a chunk with the finish reasons, the usage
+        chunk only with stream_options.include_usage, then [DONE]. The response starts with the first
+        event, so a request that fails before it (a model at capacity) gets its real status; a later
+        error becomes an error event."""
         name, n = body.model, body.n or 1
         chat = obj.startswith("chat")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -798,8 +800,6 @@ class _API:
 
         async def produce():
             try:
-                if chat:
-                    await queue.put(chunk([choice(i, None, None, role=True) for i in range(n)]))
                 results = await self.coordinator.run(name, request, n, [emitter(i) for i in range(n)])
                 await queue.put(chunk([choice(i, None, r.finish_reason) for i, r in enumerate(results)], collab=_collab(results)))
                 prompt_tokens = results[0].usage.prompt_tokens
@@ -808,19 +808,35 @@ class _API:
                 self.record(http, name, "chat" if chat else "completions", start, results, prompt_tokens)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the stream is open: report in-band, as OpenAI does
+            except Exception as e:  # noqa: BLE001 - reported in-band once the stream is open, as OpenAI does
                 err = classify(e)
-                log.error("request %s: stream failed: %s", state.get("request_id"), type(e).__name__, exc_info=e)
-                state["status_override"] = err.status
-                await queue.put(f"data: {json.dumps(err.body(state.get('request_id')))}\n\n")
+                level = logging.ERROR if err.status >= 500 else logging.WARNING
+                log.log(level, "request %s: stream failed: %s", state.get("request_id"), type(e).__name__, exc_info=e)
+                await queue.put(err)
             await queue.put(None)
 
+        task = asyncio.ensure_future(produce())
+        try:
+            head = await queue.get()
+        except BaseException:
+            task.cancel()
+            raise
+        if isinstance(head, APIError):  # nothing sent yet: answer with the error's own status
+            task.cancel()
+            raise head
+
         async def events():
-            task = asyncio.ensure_future(produce())
             finished = False
             try:
-                while (item := await queue.get()) is not None:
+                if chat:
+                    yield chunk([choice(i, None, None, role=True) for i in range(n)])
+                item = head
+                while item is not None:
+                    if isinstance(item, APIError):
+                        state["status_override"] = item.status
+                        item = f"data: {json.dumps(item.body(state.get('request_id')))}\n\n"
                     yield item
+                    item = await queue.get()
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:
