@@ -11,6 +11,7 @@ import logging
 import pytest
 
 from collab_ray.config import parse_config
+from collab_ray.core.errors import ModelAtCapacity
 from collab_ray.core.types import Generation, ModelInfo, Proposal, SessionStart, Usage
 from collab_ray.serving.api_errors import root_cause, scrub
 from collab_ray.serving.coordinator import Coordinator
@@ -124,6 +125,7 @@ def test_concurrent_requests_per_key_are_limited_with_429():
 
     third, health, done, after = asyncio.run(scenario())
     assert third[0] == 429 and third[2]["error"]["type"] == "rate_limit_error" and "limit 2" in third[2]["error"]["message"]
+    assert third[1]["retry-after"] == "1"
     assert health[0] == 200
     assert [d[0] for d in done] == [200, 200] and after[0] == 200
 
@@ -201,4 +203,6 @@ def test_classify_unwraps_ray_errors():
     assert root_cause(Wrapped(inner)) is inner
     assert classify(Wrapped(inner)).status == 400 and classify(Wrapped(inner)).message == "bad prompt"
     assert classify(asyncio.TimeoutError()).status == 503
+    busy = classify(ModelAtCapacity("model 'm': 900 tokens of KV cache, more than its budget"))
+    assert busy.status == 503 and busy.headers == {"retry-after": "1"} and "budget" in busy.message
     assert classify(KeyError("x")).status == 500

@@ -38,6 +38,7 @@ class APIError(Exception):
         self.message = scrub(message)
         self.param = param
         self.code = code
+        self.headers = {"retry-after": "1"} if status in (429, 503) else None  # clients back off and retry
 
     def body(self, request_id: str | None = None) -> dict:
         return error_body(self.status, self.message, self.param, self.code, request_id)

@@ -260,8 +260,8 @@ class _Gate:
                 message = {**message, "headers": headers}
             await send(message)
 
-        async def reply(err: APIError, headers: dict | None = None):
-            resp = error_response(err.status, err.message, err.param, err.code, rid, headers)
+        async def reply(err: APIError):
+            resp = error_response(err.status, err.message, err.param, err.code, rid, err.headers)
             await resp(scope, receive, send_with_id)
 
         key = "-"
@@ -369,7 +369,7 @@ def create_app(coordinator: Coordinator, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, rid(request))
+        return error_response(exc.status, exc.message, exc.param, exc.code, rid(request), exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException):
