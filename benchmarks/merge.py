@@ -1,4 +1,5 @@
-"""Benchmark: `collab-ray merge` vs `mergekit-yaml` on SmolLM2-135M-sized checkpoints (linear, ties, slerp).
+"""Benchmark: `collab-ray merge` vs `mergekit-yaml` on SmolLM2-135M-sized checkpoints (linear, ties, slerp,
+sce, della, nuslerp, karcher).
 
 The packaged SmolLM2-135M-Instruct GGUF is dequantized to float32 safetensors (the base); three
 fine-tune-like variants add seeded noise (1% of each tensor's std). Both tools run as fresh
@@ -6,7 +7,11 @@ subprocesses, one after the other, on the same files; we record wall time and pe
 (ru_maxrss of the child) and check that the outputs agree. Targets: time ≤ 1.0× mergekit, peak RSS
 ≤ 1.5× one model. Work files go to a temp dir; results to benchmarks/results/merge.{md,json}.
 
-    python benchmarks/merge.py [--work-dir DIR] [--repeats N]
+    python benchmarks/merge.py [--work-dir DIR] [--repeats N] [--methods sce,della,…]
+
+With --methods, only those rows are re-measured; the other rows of merge.json are kept (each row
+records the 1-minute load average after it). DELLA samples at random: its outputs differ between
+the tools by design (the `max abs diff` column does not apply).
 """
 
 from __future__ import annotations
@@ -45,6 +50,30 @@ CONFIGS = {
         "base_model": "base",
         "slices": [{"sources": [{"model": "base", "layer_range": [0, 30]}, {"model": "ft0", "layer_range": [0, 30]}]}],
         "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]},
+        "dtype": "float32",
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": f"ft{i}"} for i in range(3)],
+        "parameters": {"select_topk": 0.5},
+        "dtype": "float32",
+    },
+    "della": {
+        "merge_method": "della",
+        "base_model": "base",
+        "models": [{"model": f"ft{i}", "parameters": {"weight": w, "density": 0.5, "epsilon": 0.1}} for i, w in enumerate((0.5, 0.3, 0.2))],
+        "dtype": "float32",
+    },
+    "nuslerp": {
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "models": [{"model": f"ft{i}", "parameters": {"weight": w}} for i, w in enumerate((0.6, 0.4))],
+        "dtype": "float32",
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": [{"model": f"ft{i}"} for i in range(3)],
         "dtype": "float32",
     },
 }
@@ -126,13 +155,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", help="where checkpoints go (default: a temp dir, removed afterwards)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and method (the best time is kept)")
+    parser.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated rows to measure (default: all); others are kept from merge.json")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; choose from {list(CONFIGS)}")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="collab-ray-bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         model_bytes = make_checkpoints(work) if not (work / "ft2" / "model.safetensors").is_file() else (work / "base" / "model.safetensors").stat().st_size
         rows = []
         for name, config in CONFIGS.items():
+            if name not in methods:
+                continue
             config = json.loads(json.dumps(config).replace('"base"', f'"{work / "base"}"'))
             for i in range(3):
                 config = json.loads(json.dumps(config).replace(f'"ft{i}"', f'"{work / f"ft{i}"}"'))
@@ -158,25 +194,43 @@ def main() -> None:
                 "rss_over_model": round(best["collab-ray"]["peak_rss"] / model_bytes, 2),
                 "mergekit_rss_over_model": round(best["mergekit"]["peak_rss"] / model_bytes, 2),
                 **compare(out["collab-ray"], out["mergekit"]),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "repeats": args.repeats,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-        report(rows, model_bytes, machine(), args.repeats)
+        report(_with_kept_rows(rows), model_bytes, machine(), args.repeats)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _with_kept_rows(rows: list[dict]) -> list[dict]:
+    """`rows` plus the rows of merge.json not measured now (with the load they were measured under), in CONFIGS order."""
+    measured = {r["method"]: r for r in rows}
+    previous = RESULTS / "merge.json"
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        for r in old["rows"]:
+            if r["method"] not in measured:
+                r.setdefault("load_average_1m", old["machine"].get("load_average_1m_at_end"))
+                r.setdefault("repeats", 2)
+                measured[r["method"]] = r
+    return [measured[m] for m in CONFIGS if m in measured]
+
+
 def report(rows: list[dict], model_bytes: int, info: dict, repeats: int) -> None:
     header = (
         "| method | collab-ray wall s | mergekit wall s | wall ratio (≤ 1.0) | collab-ray CPU s | mergekit CPU s | CPU ratio "
-        "| collab-ray peak RSS MB | mergekit peak RSS MB | ours / model (≤ 1.5) | mergekit / model | max abs diff | entries differing |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| collab-ray peak RSS MB | mergekit peak RSS MB | ours / model (≤ 1.5) | mergekit / model | max abs diff | entries differing "
+        "| load (1 min) | runs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['method']} | {r['collab-ray_seconds']} | {r['mergekit_seconds']} | {r['time_ratio']} | {r['collab-ray_cpu_seconds']} "
         f"| {r['mergekit_cpu_seconds']} | {r['cpu_time_ratio']} | {r['collab-ray_peak_rss_mb']} "
-        f"| {r['mergekit_peak_rss_mb']} | {r['rss_over_model']} | {r['mergekit_rss_over_model']} | {r['max_abs_diff']:.1e} | {r['entries_differing']} |"
+        f"| {r['mergekit_peak_rss_mb']} | {r['rss_over_model']} | {r['mergekit_rss_over_model']} | {r['max_abs_diff']:.1e} | {r['entries_differing']} "
+        f"| {r.get('load_average_1m', '—')} | best of {r.get('repeats', repeats)} |"
         for r in rows
     ]
     text = (
@@ -186,12 +240,14 @@ def report(rows: list[dict], model_bytes: int, info: dict, repeats: int) -> None
         f"included; best of {repeats}), same run, same files; peak RSS is absolute (the interpreter with torch is ~0.3 GB of it). "
         "`max abs diff` / `entries differing` (> 1e-6) compare the two outputs: TIES differs only where several task-vector "
         "entries have exactly the same magnitude at the top-k threshold (the dequantized 4-bit base makes such ties); "
-        "mergekit breaks those ties in argsort order, collab-ray by index.\n\n"
+        "mergekit breaks those ties in argsort order, collab-ray by index. DELLA samples at random (each tool its own "
+        "draws), so its outputs differ by design; its equality is tested by properties (keep rate per row, rescaling, seed).\n\n"
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; Python {info['python']}, "
         f"torch {info['torch']}, mergekit {info['mergekit']}; 1-minute load average {info['load_average_1m_at_end']} at the end "
         "(other processes shared the cores: both tools ran interleaved, and CPU time — user + system of the child — is less "
-        "sensitive to that sharing than wall time). "
-        f"Command: `python benchmarks/merge.py --repeats {repeats}`.\n\n"
+        "sensitive to that sharing than wall time; the `load` column is the load average after each row, rows measured in "
+        "earlier runs keep theirs). "
+        f"Command: `python benchmarks/merge.py --repeats {repeats}` (`--methods` for a subset of the rows).\n\n"
         + header
         + "\n".join(lines)
         + "\n"

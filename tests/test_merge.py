@@ -599,11 +599,41 @@ def test_fisher_merge_and_perplexity_soup(tiny_with_tokenizer, tmp_path):
     assert greedy_soup([str(p["v1"]), str(p["base"]), str(p["v0"])], score)[0] == str(p["base"])
 
 
+EXAMPLES = Path(__file__).parent.parent / "examples" / "merges"
+
+
 def test_examples_are_valid_configs():
-    examples = sorted((Path(__file__).parent.parent / "examples" / "merges").glob("*.yaml"))
+    from collab_ray.merge.stages import plan_stages, read_documents
+
+    examples = sorted(EXAMPLES.glob("*.yaml"))
     assert len(examples) >= 5
     for path in examples:
-        load_config(path)
+        docs = read_documents(path)
+        if docs is None:
+            load_config(path)
+        else:
+            stages, final = plan_stages(docs)
+            for config in [*(c for _, c in stages), final]:
+                load_config(config)
+
+
+def test_tiny_examples_merge_without_edits(tmp_path, monkeypatch):
+    """Every tiny-*.yaml example (mergekit's examples/ in kind: each method, tokenizer union, LoRA,
+    multi-stage, frankenmerge) merges as it is, on the checkpoints make_tiny_finetunes.py builds."""
+    import importlib.util
+
+    pytest.importorskip("peft")
+    spec = importlib.util.spec_from_file_location("make_tiny_finetunes", EXAMPLES / "make_tiny_finetunes.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    monkeypatch.chdir(tmp_path)  # the examples name runs/merge-demo/… relative to the working directory
+    monkeypatch.setattr(sys, "argv", ["make_tiny_finetunes.py"])
+    make.main()
+    examples = sorted(EXAMPLES.glob("tiny-*.yaml"))
+    assert len(examples) >= 12
+    for path in examples:
+        out = merge(path, tmp_path / "out" / path.stem, progress=False)
+        assert (out / "config.json").is_file() and list(out.glob("*.safetensors")), path.name
 
 
 # ------------------------------------------------------------------------------------ tokenizers

@@ -1,10 +1,12 @@
 """Make the checkpoints the tiny example merges use: the tiny model and three short fine-tunes of it.
 
-    python examples/merges/make_tiny_finetunes.py            # -> runs/merge-demo/{base,ft-a,ft-b,ft-c}, eval.txt
+    python examples/merges/make_tiny_finetunes.py   # -> runs/merge-demo/{base,ft-a,ft-b,ft-c,ft-tools,lora-a}, eval.txt
     collab-ray merge examples/merges/tiny-ties.yaml runs/merge-demo/ties
 
 Each fine-tune trains the tiny llama (`tiny:llama-bpe`) for a few Adam steps on a different third
-of its corpus, so the task vectors differ the way real fine-tunes do. Runs in seconds on a CPU.
+of its corpus, so the task vectors differ the way real fine-tunes do; `ft-tools` is ft-c with two
+added tokens (for the tokenizer examples) and `lora-a` a PEFT LoRA adapter of the base (for
+`model+adapter` references). Runs in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +40,32 @@ def finetune(base: Path, out: Path, text: str, seed: int, steps: int = 30) -> No
     tokenizer.save_pretrained(out)
 
 
+def add_tokens(source: Path, out: Path, tokens: list[str]) -> None:
+    """`source` with `tokens` added to its tokenizer and new embedding / LM head rows (the mean row)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def lora_adapter(base: Path, out: Path, rank: int = 4) -> None:
+    """A rank-`rank` LoRA adapter of `base` on the attention projections (random B: a made-up fine-tune)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.save_pretrained(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/merge-demo", help="where the checkpoints go")
@@ -51,8 +79,12 @@ def main() -> None:
     for seed, (name, part) in enumerate(zip(("ft-a", "ft-b", "ft-c"), thirds)):
         if not (root / name).is_dir():
             finetune(base, root / name, "\n".join(part), seed)
+    if not (root / "ft-tools").is_dir():
+        add_tokens(root / "ft-c", root / "ft-tools", ["<|tool|>", "<|result|>"])
+    if not (root / "lora-a").is_dir():
+        lora_adapter(base, root / "lora-a")
     (root / "eval.txt").write_text("\n".join(lines[::7]), encoding="utf-8")
-    print(f"checkpoints in {root}: base, ft-a, ft-b, ft-c; evaluation text {root / 'eval.txt'}")
+    print(f"checkpoints in {root}: base, ft-a, ft-b, ft-c, ft-tools, lora-a; evaluation text {root / 'eval.txt'}")
 
 
 if __name__ == "__main__":
