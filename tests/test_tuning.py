@@ -17,6 +17,7 @@ from xml.etree import ElementTree
 import pytest
 import yaml
 
+import collab_ray.tuning.experiment  # noqa: F401  (registers multitask-small:… and task:…)
 from collab_ray.core.errors import ConfigError
 from collab_ray.merge.config import load_config
 from collab_ray.tuning.space import merge_config, search_keys
@@ -71,6 +72,56 @@ def test_point_to_merge_config_per_model_grouped_and_global():
     }
     assert merge_config(spec, point) == config  # pure: same point, same config
     assert load_config(yaml.safe_dump(config)).models[1].parameters["density"] == [0.6, 0.8]  # valid mergekit YAML
+
+
+NEW_METHOD_SEARCHES = {
+    "sce": {"select_topk": {"low": 0.1, "high": 1.0}},
+    "della": {"density": {"low": 0.3, "high": 0.7, "per_model": True}, "epsilon": {"values": [0.05, 0.1, 0.2], "per_model": True}},
+    "della_linear": {"epsilon": {"low": 0.01, "high": 0.2, "layer_groups": 2, "per_model": True}, "weight": {"low": 0.2, "high": 1.0, "per_model": True}},
+    "nuslerp": {"weight": {"low": 0.1, "high": 1.0, "per_model": True}},
+    "multislerp": {"weight": {"low": 0.1, "high": 1.0, "per_model": True}},
+    "karcher": {"max_iter": {"values": [5, 10]}, "tol": {"low": 1e-6, "high": 1e-4, "log": True}},
+    "nearswap": {"t": {"low": 0.001, "high": 0.1, "log": True, "layer_groups": 3}},
+    "ramplus_tl": {"r": {"low": 0.0, "high": 0.5}, "alpha": {"low": 0.1, "high": 0.5}},
+}
+
+
+@pytest.mark.parametrize("method", list(NEW_METHOD_SEARCHES))
+def test_new_methods_parameters_are_searchable(method, tmp_path):
+    """Each new method's parameters make search points whose merge configs plan (no tensor is read)."""
+    import shutil
+
+    from collab_ray.merge.plan import build_plan
+    from collab_ray.models.tiny import tiny_path
+    from collab_ray.tuning.space import grid_values
+
+    dirs = [str(shutil.copytree(tiny_path("llama-bpe"), tmp_path / n)) for n in ("base", "a", "b")]
+    fixed = {"della": {"weight": 0.5}, "della_linear": {"density": 0.5}}.get(method, {})
+    count = 1 if method == "nearswap" else 2
+    models = [{"name": n, "model": d, "parameters": dict(fixed)} for n, d in zip("ab", dirs[1:])][:count]
+    base = None if method == "karcher" else dirs[0]
+    spec = load_spec(spec_dict(merge_method=method, models=models, base_model=base, search=NEW_METHOD_SEARCHES[method]))
+    point = {str(k): grid_values(spec.search[k.param], 3)[1] for k in search_keys(spec)}
+    config = merge_config(spec, point)
+    assert all(name in str(config) for name in NEW_METHOD_SEARCHES[method])
+    assert len(build_plan(load_config(config)).jobs) > 0
+
+
+def test_tuner_modules_do_not_import_the_experiment():
+    code = (
+        "import sys, collab_ray.tuning.spec, collab_ray.tuning.evaluate, collab_ray.tuning.runner, collab_ray.tuning.space\n"
+        "print(sorted(m for m in sys.modules if m.startswith('collab_ray.tuning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "experiment" not in out and "collab_ray.tuning.references" in out
+    with pytest.raises(ConfigError, match="registered"):
+        from collab_ray.tuning.references import TASK_SOURCES, task_items
+
+        saved = TASK_SOURCES.pop("task")
+        try:
+            task_items("task:add")
+        finally:
+            TASK_SOURCES["task"] = saved
 
 
 def test_point_to_merge_config_global_weight_and_missing_key():

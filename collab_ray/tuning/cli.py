@@ -24,6 +24,7 @@ def register(subparsers) -> None:
 
 
 def run_tune_merge(args: argparse.Namespace) -> int:
+    import collab_ray.tuning.experiment  # noqa: F401  (registers the experiment's multitask:… models and task:… data)
     from collab_ray.tuning.runner import run_search
     from collab_ray.tuning.spec import load_spec
 

@@ -15,6 +15,7 @@ import torch
 
 from collab_ray.core.errors import ConfigError
 from collab_ray.eval.metrics import exact_match
+from collab_ray.tuning.references import task_items
 from collab_ray.tuning.spec import TuneSpec, Validation
 
 
@@ -44,10 +45,9 @@ def load_validation(v: Validation, tokenizer_dir: str | Path, count: int) -> Val
 
 
 def _pairs(source: str) -> list[tuple[str, list[str]]]:
-    if source.startswith("task:"):
-        from collab_ray.tuning.experiment import task_items
-
-        return [(prompt, [answer]) for prompt, answer in task_items(source.removeprefix("task:"), "validation")]
+    registered = task_items(source)
+    if registered is not None:
+        return registered
     from collab_ray.eval.datasets import load
 
     dataset = load(source)

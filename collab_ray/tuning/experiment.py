@@ -38,6 +38,7 @@ from pathlib import Path
 from collab_ray.core.errors import ConfigError
 from collab_ray.models.cache import building, cache_root
 from collab_ray.models.tiny import new_llama
+from collab_ray.tuning.references import register_models, register_tasks
 
 BUILD_VERSION = 2  # bump when the recipe code changes: cached checkpoints are rebuilt
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -301,6 +302,16 @@ def report_table(results: dict[str, dict[str, list[bool]]]) -> tuple[list[str], 
         cells = [f"{100 * a[t]:.1f}%" for t in TASKS] + [f"{100 * sum(a.values()) / len(a):.1f}%"]
         rows.append([name, *cells, "" if kept is None else f"{100 * kept:.0f}%"])
     return header, rows
+
+
+def _validation_pairs(task: str) -> list[tuple[str, list[str]]]:
+    return [(prompt, [answer]) for prompt, answer in task_items(task, "validation")]
+
+
+# The experiment is an application of the tuner: it registers its checkpoints and tasks with it.
+for _recipe in RECIPES:
+    register_models(_recipe, resolve_model)
+register_tasks("task", _validation_pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

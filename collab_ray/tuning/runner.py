@@ -31,7 +31,8 @@ from collab_ray.tuning.space import (
     planned_trials,
     search_keys,
 )
-from collab_ray.tuning.spec import TuneSpec, load_spec, resolve_models
+from collab_ray.tuning.references import resolve_models
+from collab_ray.tuning.spec import TuneSpec, load_spec
 
 METRIC = "objective"
 KEPT = ("items", "merge_s", "eval_s", "finished_at", "time_total_s", "pid")  # reported fields kept besides the metrics

@@ -20,8 +20,9 @@
     max_concurrent_trials: 2
     resources: {cpu: 1, gpu: 0}
 
-Model references are local safetensors directories, `tiny:NAME` or `multitask:NAME` (the built-in
-experiment's checkpoints, built on first use); `resolve_models` turns them into directories.
+Model references are whatever `collab-ray merge` reads (directories, `tiny:NAME`, Hub ids,
+`model+lora`), or names registered in `collab_ray.tuning.references` (the multi-task experiment's
+`multitask:NAME`, built on first use); `references.resolve_models` turns those into directories.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class InputModel(_Strict):
     """One model merged into the base (or averaged, for methods without a base)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Short name: used in search keys (weight.NAME), tables and plots.")
-    model: str = Field(description="Local safetensors directory, tiny:NAME, or multitask:NAME (built-in experiment).")
+    model: str = Field(description="A merge model reference (directory, tiny:NAME, Hub id, model+lora) or a registered one (multitask:NAME).")
     parameters: dict[str, Any] | None = Field(None, description="Fixed merge parameters of this model (mergekit syntax).")
 
 
@@ -181,11 +182,3 @@ def load_spec(source: str | Path | dict) -> TuneSpec:
     path = Path(source)
     return validate(TuneSpec, read_yaml(path, "tune spec"), str(path))
 
-
-def resolve_models(spec: TuneSpec) -> TuneSpec:
-    """The spec with `multitask:NAME` references replaced by their (built) checkpoint directories."""
-    from collab_ray.tuning.experiment import resolve_model
-
-    models = [m.model_copy(update={"model": resolve_model(m.model)}) for m in spec.models]
-    base = resolve_model(spec.base_model) if spec.base_model else None
-    return spec.model_copy(update={"models": models, "base_model": base})
