@@ -74,6 +74,55 @@ def test_dare_is_deterministic_by_generator():
     assert not torch.equal(draw(7), draw(8))
 
 
+def test_della_magprune_keep_rate_per_row_rank_bias_rescaling_and_seed():
+    delta = _randn(64, 4096, seed=9)
+    density, epsilon = 0.4, 0.2
+    draw = lambda seed: sparsify.della_magprune(delta.clone(), density, epsilon, rescale=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    kept = draw(1)
+    survivors = kept != 0
+    per_row = survivors.float().mean(dim=1)  # [64]: every row keeps ≈ density
+    assert (per_row - density).abs().max() < 5 * math.sqrt(density * (1 - density) / 4096)
+    rank = delta.abs().argsort(dim=1).argsort(dim=1).float() / 4095  # 0 smallest … 1 largest, per row
+    low, high = survivors[rank < 0.25].float().mean().item(), survivors[rank >= 0.75].float().mean().item()
+    assert low == pytest.approx(density - 0.75 * epsilon, abs=0.01) and high == pytest.approx(density + 0.75 * epsilon, abs=0.01)
+    assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)  # L1 rescaling of the tensor
+    scale = kept[survivors] / delta[survivors]
+    assert torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-5)  # one common factor
+    assert torch.equal(draw(1), kept) and not torch.equal(draw(2), kept)
+    one_d = sparsify.della_magprune(_randn(10_000, seed=4), density, epsilon, rescale=False, generator=torch.Generator().manual_seed(0))
+    assert abs((one_d != 0).float().mean().item() - density) < 0.03  # a 1-D tensor is one row
+    with pytest.raises(ValueError, match="epsilon 0.5"):
+        sparsify.della_magprune(delta.clone(), 0.6, 0.5)
+
+
+def test_della_has_mergekits_statistics():
+    """mergekit's DELLA is unseeded global-RNG sampling: compare keep rates per row and per rank band."""
+    mk_sparsify = pytest.importorskip("mergekit.sparsify")
+    delta = _randn(32, 2048, seed=11)
+    torch.manual_seed(0)
+    theirs = mk_sparsify.della_magprune(delta.clone(), 0.3, 0.1, rescale_norm=mk_sparsify.RescaleNorm.l1) != 0
+    ours = sparsify.della_magprune(delta.clone(), 0.3, 0.1, rescale=True, generator=torch.Generator().manual_seed(0)) != 0
+    rank = delta.abs().argsort(dim=1).argsort(dim=1) * 10 // 2048  # rank decile per row
+    for band in range(10):
+        a, b = ours[rank == band].float().mean().item(), theirs[rank == band].float().mean().item()
+        assert abs(a - b) < 0.03, (band, a, b)
+    assert (ours.float().mean(1) - theirs.float().mean(1)).abs().max() < 0.06
+
+
+def test_new_kernels_on_small_cases():
+    base = torch.zeros(4)
+    a, b = torch.tensor([0.001, 0.5, 0.0, -0.2]), torch.tensor([0.0, 0.3, 0.0, 0.4])
+    near = methods.nearswap([a.clone()], base, t=0.01)  # |a| ≤ t: swapped in; else moved by t
+    assert torch.allclose(near, torch.tensor([0.001, 0.01, 0.0, -0.01]))
+    merged = methods.ram([a.clone(), b.clone()], base, epsilon=0.01)  # unique changes kept, shared ones averaged
+    assert torch.allclose(merged, torch.tensor([0.0, 0.4, 0.0, 0.1]))
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = methods.nuslerp([x.clone(), y.clone()], None, weight=[1.0, 1.0])
+    assert torch.allclose(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    assert torch.allclose(methods.karcher([x.clone(), y.clone()], None), mid)  # the geodesic midpoint, norm 1
+    assert torch.allclose(methods.multislerp([x.clone(), y.clone()], None, weight=[1.0, 1.0]), mid)
+
+
 def test_linear_and_task_arithmetic():
     a, b, base = _randn(8, 4, seed=1), _randn(8, 4, seed=2), _randn(8, 4, seed=3)
     assert torch.allclose(methods.linear([a.clone(), b], None, weight=[1.0, 3.0]), (a + 3 * b) / 4)
@@ -121,5 +170,5 @@ def test_registry_entries_are_documented():
     for name, method in methods.METHODS.items():
         assert method.kernel.__doc__ or method.kernel.func.__doc__, name
         assert method.reference or name == "passthrough", name
-    with pytest.raises(ValueError, match="della"):
-        methods.get_method("della")
+    with pytest.raises(ValueError, match="not_a_method"):
+        methods.get_method("not_a_method")
