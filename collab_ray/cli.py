@@ -99,7 +99,7 @@ def _register_own(sub) -> None:
         "they arrive. Ray's own output goes to a log file whose path is printed.",
     )
     demo.add_argument("--config", default=None, help="collaboration YAML or packaged config name (default: demo)")
-    demo.add_argument("--pipelines", default=None, help="comma-separated pipelines to ask (default: all, one per model too)")
+    demo.add_argument("--pipelines", default=None, help="comma-separated pipelines or model names to ask (default: every pipeline, and each model as it ships)")
     demo.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens per answer (default 32)")
     demo.add_argument("--log", default=None, help="file for Ray's output (default: a new file under the collab_ray cache)")
     demo.set_defaults(func=_demo)

@@ -11,8 +11,8 @@ pipeline two questions through the `openai` client, narrating as it goes:
    deployments batch their work), in full and wrapped, with tokens, time and every model's calls;
 4. a summary of where the time went.
 
-Strategies add themselves to the demo config as pipelines, and so to this demo; `--pipelines`
-picks some (only the models they use are deployed).
+Strategies add themselves to the demo config as pipelines, and so to this demo, with each model
+as it ships (`default_pipelines`); `--pipelines` picks others (only the models they use are deployed).
 """
 
 from __future__ import annotations
@@ -96,8 +96,16 @@ def output_to(log: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
+def default_pipelines(config: CollabConfig) -> list[str]:
+    """What the demo asks by default: every configured pipeline, and each model on its own as it ships
+    (full depth, default dtype). Early-exit and reduced-precision copies are there as drafts, amateurs
+    and verifiers for other pipelines; on their own they answer badly by design (`--pipelines` names them)."""
+    shipped = [n for n, m in config.models.items() if m.keep_layers is None and m.dtype == "auto"]
+    return shipped + list(config.pipelines)
+
+
 def select(config: CollabConfig, pipelines: list[str] | None) -> CollabConfig:
-    """`config` cut down to `pipelines` (all when None) and the models they use; errors name unknown ones."""
+    """`config` cut down to `pipelines` and the models they use; errors name unknown ones."""
     available = config.all_pipelines()
     if not pipelines:
         return config
@@ -215,8 +223,9 @@ def main(
     console: Console | None = None,
 ) -> int:
     """Run the demo; exit status 0 when every pipeline answered, 1 otherwise."""
-    config = select(load_config(config_path or "demo"), pipelines)
-    names = list(config.all_pipelines()) if not pipelines else pipelines
+    config = load_config(config_path or "demo")
+    names = pipelines or default_pipelines(config)
+    config = select(config, names)
     console = console or Console()
     log = Path(log_path) if log_path else default_log()
     t0 = time.perf_counter()
