@@ -121,9 +121,11 @@ def test_concurrent_requests_per_key_are_limited_with_429():
         model.gate.set()
         done = await asyncio.gather(*first)
         after = await call(app, "POST", "/v1/completions", COMPLETION)
-        return third, health, done, after
+        chat = await call(app, "POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3})
+        return third, health, done, after, chat
 
-    third, health, done, after = asyncio.run(scenario())
+    third, health, done, after, chat = asyncio.run(scenario())
+    assert chat[0] == 200 and [c["message"]["content"] for c in chat[2]["choices"]] == ["ok"] * 3
     assert third[0] == 429 and third[2]["error"]["type"] == "rate_limit_error" and "limit 2" in third[2]["error"]["message"]
     assert third[1]["retry-after"] == "1"
     assert health[0] == 200
@@ -176,9 +178,11 @@ def test_body_size_prompt_tokens_and_choices_limits():
         long = await call(app, "POST", "/v1/completions", {**COMPLETION, "prompt": "x" * 11})
         fits = await call(app, "POST", "/v1/completions", {**COMPLETION, "prompt": "x" * 10})
         many = await call(app, "POST", "/v1/completions", {**COMPLETION, "prompt": ["a", "b", "c"], "n": 2})
-        return big, declared, long, fits, many
+        chat = await call(app, "POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        return big, declared, long, fits, many, chat
 
-    big, declared, long, fits, many = asyncio.run(scenario())
+    big, declared, long, fits, many, chat = asyncio.run(scenario())
+    assert chat[0] == 400 and chat[2]["error"]["param"] == "messages"  # the rendered chat is over 10 tokens
     assert big[0] == 413 and declared[0] == 413
     assert long[0] == 400 and "limit is 10" in long[2]["error"]["message"] and long[2]["error"]["param"] == "prompt"
     assert fits[0] == 200

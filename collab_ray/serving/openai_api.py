@@ -604,13 +604,16 @@ class _API:
     def record(self, request: HTTPRequest, name: str, endpoint: str, start: float, results: list, prompt_tokens: int) -> None:
         self.metrics.answered(name, endpoint, time.perf_counter() - start, results, prompt_tokens)
 
+    def begin(self, http: HTTPRequest, body) -> tuple[str, int]:
+        """(pipeline name, n) of a generation request; the pipeline must exist (404)."""
+        http.scope["state"]["user"] = body.user
+        self.pipeline(http, body.model)
+        return body.model, body.n or 1
+
     # ---- endpoints --------------------------------------------------------------------------
     async def completions(self, http: HTTPRequest, body: CompletionBody):
         start = time.perf_counter()
-        http.scope["state"]["user"] = body.user
-        name = body.model
-        self.pipeline(http, name)
-        n = body.n or 1
+        name, n = self.begin(http, body)
         if body.suffix:
             raise bad("suffix", "suffix (insertion) is not supported by this server", "unsupported_parameter")
         if body.best_of is not None and body.best_of != n:
@@ -683,10 +686,7 @@ class _API:
 
     async def chat(self, http: HTTPRequest, body: ChatBody):
         start = time.perf_counter()
-        http.scope["state"]["user"] = body.user
-        name = body.model
-        self.pipeline(http, name)
-        n = body.n or 1
+        name, n = self.begin(http, body)
         if body.response_format is not None and body.response_format.type != "text":
             kind = body.response_format.type
             raise bad("response_format", f"response_format {kind!r} is not supported (constrained decoding); only 'text'", "unsupported_parameter")
