@@ -216,6 +216,25 @@ CONFIGS = {
         merge_method: passthrough
         dtype: float32
     """,
+    "breadcrumbs_ties": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.7, density: 0.6, gamma: 0.1}
+          - model: ft1
+            parameters: {weight: 0.5, density: 0.7}
+        merge_method: breadcrumbs_ties
+        base_model: base
+    """,
+    "dare_linear_dense": """
+        models:
+          - model: ft0
+            parameters: {weight: 0.7, density: 1.0}
+          - model: ft2
+            parameters: {weight: 0.2}
+        merge_method: dare_linear
+        base_model: base
+        parameters: {normalize: true}
+    """,
     "della_dense": """
         models:
           - model: ft0
@@ -346,9 +365,10 @@ def mergekit_outputs(ckpts, tmp_path_factory):
     for name, text in CONFIGS.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(_yaml(text, ckpts)))
     cli = ["mergekit-yaml", str(root / "slerp.yaml"), str(root / "slerp"), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
-    subprocess.run(cli, check=True, capture_output=True)
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run(cli, check=True, capture_output=True, env=offline)
     rest = [arg for name in CONFIGS if name != "slerp" for arg in (str(root / f"{name}.yaml"), str(root / name))]
-    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *rest], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", MERGEKIT_RUNNER, *rest], check=True, capture_output=True, env=offline)
     return root
 
 

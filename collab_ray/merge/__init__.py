@@ -1,8 +1,11 @@
 """Merging: one model from many in parameter space, configured with mergekit's YAML schema.
 
-`merge(config, out_dir)` streams a merge to sharded safetensors; `merge_to_state_dict(config)`
-returns it in memory; `METHODS` is the registry of per-tensor methods; `uniform_soup` and
-`greedy_soup` make model soups. Imports neither Ray nor (until a merge needs it) transformers.
+`merge(config, out_dir)` streams a merge to sharded safetensors (or, with `extract_lora=RANK`, its
+difference to the base as a LoRA adapter); `merge_to_state_dict(config)` returns it in memory;
+`METHODS` is the registry of per-tensor methods (every method of mergekit 0.1.5, plus Fisher).
+Configs may be multi-stage (`stages`), rebuild vocabularies (`vocab`), and name models by
+directory, Hub id or `model+lora` (`sources`). `uniform_soup` and `greedy_soup` make model soups.
+Imports neither Ray nor (until a merge needs it) transformers.
 """
 
 from collab_ray.merge.config import MergeConfig, load_config

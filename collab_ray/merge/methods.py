@@ -197,9 +197,11 @@ def _top_variance(deltas: Tensors, density: float) -> torch.Tensor:
     if density <= 0:
         return torch.zeros(n, dtype=torch.bool, device=deltas[0].device)
 
-    def chunks():
+    def chunks():  # population variance across the N task vectors, elementwise (torch.var over dim 0 is far slower)
         for start in range(0, n, sparsify.CHUNK):
-            yield start, torch.stack([d[start : start + sparsify.CHUNK] for d in deltas]).var(dim=0, unbiased=False)
+            parts = [d[start : start + sparsify.CHUNK] for d in deltas]
+            mean = sum(parts[1:], parts[0].clone()) / len(parts)
+            yield start, sum(((p - mean).square_() for p in parts[1:]), (parts[0] - mean).square_()) / len(parts)
 
     k = int(sum(int(torch.count_nonzero(v)) for _, v in chunks()) * density)
     source = sparsify.Magnitudes(n, deltas[0].dtype, deltas[0].device, chunks)

@@ -40,6 +40,9 @@ CHAT_TEMPLATES = {
 }
 
 
+MERGEKIT_ONLY_TEMPLATES = ("alpaca", "llama3", "mistral", "exaone")
+
+
 @dataclass
 class Vocabulary:
     """The output tokenizer and, per model reference, where each output token sits in that model."""
@@ -244,5 +247,6 @@ def resolve_chat_template(value: str, models: list[ModelFiles]) -> str | None:
         return CHAT_TEMPLATES[value]
     if len(value) < 20 or "{" not in value:
         known = ", ".join(["auto", *CHAT_TEMPLATES])
-        raise ConfigError(f"chat_template {value!r} is neither a Jinja template nor a known name ({known})")
+        hint = "; mergekit's alpaca, llama3, mistral and exaone are not built in: give the template itself" if value in MERGEKIT_ONLY_TEMPLATES else ""
+        raise ConfigError(f"chat_template {value!r} is neither a Jinja template nor a known name ({known}){hint}")
     return value
