@@ -243,36 +243,35 @@ def main(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     console.say(f"starting Ray Serve: {len(config.models)} model deployments and the coordinator")
-    results: list[PipelineResult] = []
+    import ray
+
     with output_to(log):
         stop_watching, seen, t_serve = threading.Event(), set(), time.perf_counter()
         watcher = threading.Thread(target=watch_deployments, args=(console, seen, stop_watching, t_serve), daemon=True)
         try:
-            init_ray(config, quiet=True)  # before the watcher: a Serve call from another thread would start a Ray of its own
-            console.say(f"  Ray started ({time.perf_counter() - t_models:.0f} s)")
-            watcher.start()
-            url = start(config, port=port, host="127.0.0.1", quiet=True)
-            stop_watching.set()
+            try:
+                init_ray(config, quiet=True)  # before the watcher: a Serve call from another thread would start a Ray of its own
+                console.say(f"  Ray started ({time.perf_counter() - t_models:.0f} s)")
+                watcher.start()
+                url = start(config, port=port, host="127.0.0.1", quiet=True)
+            except Exception as e:  # Ray or a deployment did not come up: say so, with where the details are
+                console.say(f"Ray Serve did not start: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+                console.say(f"Ray's log: {log}")
+                return 1
+            finally:
+                stop_watching.set()
             watcher.join()
             report_ready(console, seen, t_serve)  # the ones that became ready since the last poll
             t_ready = time.perf_counter()
             console.say(f"ready in {t_ready - t_models:.0f} s at {url}; asking {len(names)} pipelines {len(QUESTIONS)} questions "
                         f"each ({CONCURRENCY} at a time, greedy, max_tokens {max_tokens})")  # fmt: skip
-            client = openai.OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=600)
-            with ThreadPoolExecutor(CONCURRENCY) as pool:
-                futures = [pool.submit(ask, client, n, config.all_pipelines()[n].strategy, max_tokens) for n in names]
-                for i, fut in enumerate(as_completed(futures), 1):
-                    results.append(fut.result())
-                    console.say()
-                    console.say(format_result(results[-1], i, len(names), console.width))
+            results = ask_all(openai.OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=600), config, names, max_tokens, console)
             t_done = time.perf_counter()
         finally:
-            stop_watching.set()
             console.say("\nshutting Ray down …")
-            stop()
-            import ray
-
-            ray.shutdown()
+            if ray.is_initialized():  # serve.shutdown() on no Ray would start one just to stop it
+                stop()
+                ray.shutdown()
     failed = [r.name for r in results if r.error]
     console.say(
         f"\ndone in {time.perf_counter() - t0:.0f} s: models {t_models - t0:.0f} s, Serve ready {t_ready - t_models:.0f} s, "
@@ -280,3 +279,15 @@ def main(
     )
     console.say(f"Ray's log: {log}")
     return 1 if failed else 0
+
+
+def ask_all(client, config: CollabConfig, names: list[str], max_tokens: int, console: Console) -> list[PipelineResult]:
+    """Every pipeline in `names`, CONCURRENCY at a time; each one's block printed as soon as it finishes."""
+    results: list[PipelineResult] = []
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(ask, client, n, config.all_pipelines()[n].strategy, max_tokens) for n in names]
+        for i, fut in enumerate(as_completed(futures), 1):
+            results.append(fut.result())
+            console.say()
+            console.say(format_result(results[-1], i, len(names), console.width))
+    return results

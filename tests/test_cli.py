@@ -1,6 +1,7 @@
 """The `collab-ray` command line."""
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -97,3 +98,25 @@ def test_demo_result_shows_full_answers_wrapped_with_the_models_calls():
     assert all(len(line) <= 60 for line in lines) and "…" not in block
     assert " ".join(line.strip().removeprefix("A: ") for line in lines[2:-2]) == long.strip()  # every word, in order
     assert "(32 tokens, 2.5 s, cut at max_tokens)" in block and "models: smollm2 2 calls/96 tokens out" in block
+
+
+def test_demo_says_when_ray_does_not_start_and_points_at_the_log(tmp_path, monkeypatch):
+    import io
+
+    import ray
+
+    from collab_ray import demo
+    from collab_ray.serving import app
+
+    def fail(config, quiet=False):
+        os.write(2, b"raylet noise\n")  # Ray's own output (its C++ side writes to the descriptors): into the log
+        raise RuntimeError("The current node timed out during startup.")
+
+    monkeypatch.setattr(app, "init_ray", fail)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    out = io.StringIO()
+    assert demo.main("tiny", pipelines=["target"], log_path=str(tmp_path / "ray.log"), console=demo.Console(out)) == 1
+    text = out.getvalue()
+    assert "Ray Serve did not start: RuntimeError: The current node timed out during startup." in text
+    assert f"Ray's log: {tmp_path / 'ray.log'}" in text and "raylet noise" not in text
+    assert "raylet noise" in (tmp_path / "ray.log").read_text()
