@@ -104,9 +104,13 @@ class ModelDeployment(ModelConfig, _Scaled):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica; with device `cuda` a model spans all of them.")
     num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica (0 lets several share a small machine).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type the replica must run on, e.g. H100.")
-    batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="How long generate/loglikelihood calls wait to be batched with others."
-    )
+
+    @property
+    def session_shards(self) -> int:
+        """Routing keys the coordinator spreads this model's sessions over (one per replica when
+        there is one replica; four per replica otherwise, so rendezvous hashing spreads them evenly)."""
+        most = self.autoscaling.max_replicas if self.autoscaling else self.replicas
+        return 1 if most == 1 else 4 * most
 
 
 class PipelineConfig(BaseModel):

@@ -4,6 +4,7 @@ opening sessions on several models, rendering a request, and the shared-vocabula
 from __future__ import annotations
 
 import asyncio
+import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Sequence
 
@@ -142,16 +143,18 @@ async def output_for(backend: ModelBackend, request: Request, prompt_len: int, e
 
 @asynccontextmanager
 async def open_sessions(prompts: Sequence[tuple[ModelBackend, Sequence[int]]]) -> AsyncIterator[list[Session]]:
-    """Open one session per (backend, prompt ids) concurrently; close them all on exit."""
-    opened = await asyncio.gather(*(Session.open(b, ids) for b, ids in prompts), return_exceptions=True)
-    sessions = [s for s in opened if isinstance(s, Session)]
+    """Open one session per (backend, prompt ids) concurrently; close them all on exit, also when
+    the request is cancelled while some are still opening (the close survives the cancellation)."""
+    ids = [uuid.uuid4().hex for _ in prompts]  # known before opening, so every one is closed
+    opening = [asyncio.ensure_future(Session.open(b, p, session_id)) for (b, p), session_id in zip(prompts, ids)]
     try:
-        for s in opened:
-            if isinstance(s, BaseException):
-                raise s
-        yield sessions
-    finally:  # closing survives the request's cancellation: a dropped stream frees its sessions now
-        await asyncio.shield(asyncio.gather(*(s.close() for s in sessions), return_exceptions=True))
+        await asyncio.gather(*opening)
+        yield [t.result() for t in opening]
+    finally:
+        for t in opening:
+            t.cancel()
+        closing = (b.close_session(session_id) for (b, _), session_id in zip(prompts, ids))
+        await asyncio.shield(asyncio.gather(*closing, return_exceptions=True))
 
 
 _SHARED: dict[tuple, bool] = {}  # (name, vocab size) of two models -> same token strings

@@ -8,6 +8,7 @@ session with them (one prefill) and retries the call once. Strategies that step 
 
 from __future__ import annotations
 
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -33,8 +34,8 @@ class Session:
         self.reopened = 0  # times the backend lost the session and it was replayed
 
     @classmethod
-    async def open(cls, backend: ModelBackend, prompt_ids: Sequence[int]) -> Session:
-        start = await backend.open_session(list(prompt_ids))
+    async def open(cls, backend: ModelBackend, prompt_ids: Sequence[int], session_id: str | None = None) -> Session:
+        start = await backend.open_session(list(prompt_ids), session_id=session_id or uuid.uuid4().hex)
         return cls(backend, start.session_id, list(prompt_ids), start.logprobs)
 
     async def _replay(self) -> None:

@@ -35,13 +35,14 @@ class TransformersBackend:
         limits = Limits(
             max_batch_size=config.max_batch_size,
             max_step_tokens=config.max_step_tokens or (2048 if gpu else 128),
+            max_prefill_beside_decode=config.max_prefill_beside_decode or (512 if gpu else 16),
             kv_budget_tokens=config.kv_budget_tokens or default_kv_budget(self.model, self.device),
             max_sessions=config.max_sessions,
             session_ttl_s=config.session_ttl_s,
             max_queue=config.max_queue,
             queue_timeout_s=config.queue_timeout_s,
         )
-        self.engine = Engine(self.model, self.tokenizer, self.device, limits, config.display_name)
+        self.engine = Engine(self.model, self.tokenizer, self.device, limits, config.display_name, self._info.eos_token_ids)
         self.max_prompt = min(x for x in (config.max_prompt_tokens, self._info.max_context, 1 << 62) if x is not None)
 
     async def _wait(self, future):

@@ -55,6 +55,12 @@ class ModelConfig(BaseModel):
         description="Tokens one engine step may feed: decode work first, then chunks of long prompts. Smaller keeps "
         "decode latency steady beside long prompts, larger prefills faster. Default: 128 on CPU, 2048 on GPU.",
     )
+    max_prefill_beside_decode: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens a step may prefill while other requests are decoding: what one long prompt adds to "
+        "every decoding request's step time. Default: 16 on CPU (a prompt token costs about a decode row), 512 on GPU.",
+    )
     kv_budget_tokens: int | None = Field(
         None,
         ge=1,

@@ -32,7 +32,10 @@ class IngressServer:
     def __init__(self, config: dict, models: dict[str, DeploymentHandle]):
         self.config = CollabConfig.model_validate(config)
         timeout = self.config.server.call_timeout_s
-        backends = {name: ServeBackend(h, name, call_timeout_s=timeout) for name, h in models.items()}
+        backends = {
+            name: ServeBackend(h, name, call_timeout_s=timeout, shards=self.config.models[name].session_shards)
+            for name, h in models.items()
+        }
         self.coordinator = Coordinator(self.config, backends)
         env = self.config.server.api_key_env
         self.api_key = os.environ.get(env) if env else None
@@ -59,6 +62,7 @@ def model_deployment(name: str, model: ModelDeployment):
         ray_actor_options=actor,
         max_ongoing_requests=model.max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER),
+        logging_config={"enable_access_log": False},  # one line per model call drowns the ingress's access log
         health_check_period_s=10,
         health_check_timeout_s=60,
         **model.serve_scaling(),
@@ -71,7 +75,9 @@ def build_app(config: CollabConfig | str | Path | dict):
         config = load_config(config)
     elif isinstance(config, dict):
         config = parse_config(config)
-    models = {name: model_deployment(name, m).bind(m.model_dump()) for name, m in config.models.items()}
+    models = {  # a model's errors (e.g. at capacity) name it as the config does
+        name: model_deployment(name, m).bind({**m.model_dump(), "name": m.name or name}) for name, m in config.models.items()
+    }
     ingress = serve.deployment(serve.ingress()(IngressServer)).options(
         name="ingress",
         ray_actor_options={"num_cpus": config.server.num_cpus},
