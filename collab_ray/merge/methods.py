@@ -191,7 +191,8 @@ def sce(tensors: Tensors, base: torch.Tensor, *, select_topk: float = 1.0) -> to
 def _top_variance(deltas: Tensors, density: float) -> torch.Tensor:
     """Mask of the k = ⌊density·#(var ≠ 0)⌋ entries of largest population variance across `deltas` (N × [n]).
 
-    The variance is recomputed chunk by chunk for each pass of the rank selection, never held in full.
+    For large tensors the variance is recomputed chunk by chunk for each pass of the rank selection,
+    never held in full.
     """
     n = deltas[0].numel()
     if density <= 0:
@@ -203,6 +204,10 @@ def _top_variance(deltas: Tensors, density: float) -> torch.Tensor:
             mean = sum(parts[1:], parts[0].clone()) / len(parts)
             yield start, sum(((p - mean).square_() for p in parts[1:]), (parts[0] - mean).square_()) / len(parts)
 
+    if n <= 4 * sparsify.CHUNK:  # small enough to hold: compute it once
+        variance = torch.cat([v for _, v in chunks()])
+        k = int(int(torch.count_nonzero(variance)) * density)
+        return sparsify.keep_ranks(variance, n - k, n)
     k = int(sum(int(torch.count_nonzero(v)) for _, v in chunks()) * density)
     source = sparsify.Magnitudes(n, deltas[0].dtype, deltas[0].device, chunks)
     return sparsify.keep_ranks(source, n - k, n)
