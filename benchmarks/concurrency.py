@@ -9,7 +9,7 @@ Three parts, all rows of a part in one run, pipelines interleaved at each concur
 (serve) over Ray Serve (a coordinator over deployment handles, as the ingress runs it): SmolLM2
     `target` alone, `speculative` (bf16 SmolLM2 draft), `fuse` (SmolLM2 + Gemma-3-270M, union
     vocabulary), `contrastive` (24-layer early exit as amateur) at 1, 8 and 32 concurrent requests
-    x 64 tokens: aggregate tokens/s, p50/p99 latency, round trips per generated token per model;
+    x 64 tokens (`--tokens`): aggregate tokens/s, p50/p99 latency, round trips per generated token per model;
     head-of-line: a 16-token request's latency while a 2 000-token prompt is prefilled and 8 long
     generations run, against its idle latency.
 (http) deploy/tiny.yaml over HTTP (tiny models: per-call overhead, not compute, dominates): 32
@@ -215,7 +215,7 @@ def part_serve(args) -> tuple[list, dict]:
     for name, (strategy, roles, params) in SERVE_PIPELINES.items():
         pipes[name] = Pipeline(strategy, {r: backends[m] for r, m in roles.items()}, params)
     levels = [1, 4] if args.quick else [1, 8, 32]
-    tokens = 16 if args.quick else 64
+    tokens = 16 if args.quick else args.tokens
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     asyncio.run(run_level(pipes["fuse"], 2, params.model_copy(update={"max_tokens": 4})))  # warm every model
 
@@ -271,6 +271,7 @@ def part_http(args) -> tuple[list, dict]:
     from collab_ray.serving.app import start, stop
 
     config = load_config("tiny")
+    config.server.max_choices_per_request = 256  # the 64 prompts x n=4 request
     url = start(config, port=8766, quiet=True)
     n = 8 if args.quick else 32
     body = {"max_tokens": 48, "temperature": 0, "ignore_eos": True}
@@ -340,6 +341,7 @@ def main() -> None:
     ap.add_argument("--parts", default="engine,serve,http", help="comma-separated: engine, serve, http")
     ap.add_argument("--quick", action="store_true", help="smoke sizes")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the engine and http rows")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per request of the serve part")
     ap.add_argument("--device", default="cpu", help="device of the engine part (cpu, cuda)")
     ap.add_argument("--name", default="concurrency", help="results file name")
     args = ap.parse_args()

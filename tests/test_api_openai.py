@@ -177,7 +177,6 @@ def test_sampling_extras_are_refused_where_the_engine_does_not_sample(client):
     assert client.completions.create(model="speculative", prompt="x", max_tokens=2, frequency_penalty=0).choices  # a no-op value
 
 
-@pytest.mark.xfail(strict=False, reason="needs the engine's sampler to apply the extras with each request's history (issue #13)")
 def test_sampling_extras_reach_the_engine(client, base):
     """logit_bias with greedy decoding forces one token (min_tokens keeps EOS away), streamed or not."""
     tok = post(base, "/tokenize", {"model": "target", "prompt": " the", "add_special_tokens": False}).json()["tokens"][-1]

@@ -141,7 +141,7 @@ class Engine:
         tasks: list[Task] = []
         for ctx, index in by_context.items():
             if len(index) > 1 and len(ctx) >= SHARED_CONTEXT_MIN:
-                tasks.append(SharedContext(self.tasks.append, call, list(ctx), [(i, pairs[i][1]) for i in index]))
+                tasks.append(SharedContext(lambda task: self.tasks.append(task), call, list(ctx), [(i, pairs[i][1]) for i in index]))
             else:
                 for i in index:
                     c, cont = pairs[i]

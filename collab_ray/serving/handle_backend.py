@@ -72,6 +72,7 @@ class ServeBackend:
         self._pending: dict[str, list] = {}  # shard -> operations waiting to be sent together
         self._in_flight: dict[str, int] = {}  # shard -> batches sent and not yet answered
         self._flushing: set[str] = set()  # shards whose pending operations are about to be sent
+        self._loop = None  # the event loop the batching state above belongs to
         self._info = None
         self._strings = None
         self.replays = 0
@@ -104,6 +105,9 @@ class ServeBackend:
     async def _op(self, method: str, session_id: str, *args, **kwargs):
         """One session operation, sent with the others of its shard (see the module docstring)."""
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # batches of a loop that is gone will never come back
+            self._loop = loop
+            self._pending, self._in_flight, self._flushing = {}, {}, set()
         future = loop.create_future()
         shard = self.shard(session_id)
         op = (method, (session_id, *args), kwargs, future)
