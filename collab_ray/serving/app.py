@@ -75,9 +75,7 @@ def build_app(config: CollabConfig | str | Path | dict):
         config = load_config(config)
     elif isinstance(config, dict):
         config = parse_config(config)
-    models = {  # a model's errors (e.g. at capacity) name it as the config does
-        name: model_deployment(name, m).bind({**m.model_dump(), "name": m.name or name}) for name, m in config.models.items()
-    }
+    models = {name: model_deployment(name, m).bind(m.model_dump(), name) for name, m in config.models.items()}
     ingress = serve.deployment(serve.ingress()(IngressServer)).options(
         name="ingress",
         ray_actor_options={"num_cpus": config.server.num_cpus},

@@ -23,9 +23,11 @@ SESSION_METHODS = ("open_session", "append", "propose", "rollback", "close_sessi
 
 
 class ModelServer:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, name: str | None = None):
         self.config = ModelDeployment.model_validate(config)
         self.backend = TransformersBackend(self.config)
+        if name:  # errors (e.g. at capacity) name the model as the collaboration config does
+            self.backend.engine.name = name
 
     async def check_health(self) -> None:
         if self.backend.closed:
