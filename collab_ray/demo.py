@@ -148,16 +148,10 @@ def prepare_models(config: CollabConfig, console: Console) -> None:
 
 def report_ready(console: Console, seen: set[str], start: float) -> None:
     """Say which Serve deployments of the app became healthy since the last call (one serve.status poll)."""
-    from ray import serve
+    from collab_ray.serving.app import healthy_deployments
 
-    from collab_ray.serving.app import APP_NAME
-
-    try:
-        app = serve.status().applications.get(APP_NAME)
-    except Exception:  # the controller is still starting
-        return
-    for name, dep in (app.deployments.items() if app else ()):
-        if name not in seen and str(dep.status).endswith("HEALTHY"):
+    for name in healthy_deployments():
+        if name not in seen:
             seen.add(name)
             what = name.removeprefix("model-") if name.startswith("model-") else f"{name} (the coordinator and HTTP API)"
             console.say(f"  ready: {what} ({time.perf_counter() - start:.0f} s)")
@@ -243,8 +237,6 @@ def main(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     console.say(f"starting Ray Serve: {len(config.models)} model deployments and the coordinator")
-    import ray
-
     with output_to(log):
         stop_watching, seen, t_serve = threading.Event(), set(), time.perf_counter()
         watcher = threading.Thread(target=watch_deployments, args=(console, seen, stop_watching, t_serve), daemon=True)
@@ -269,9 +261,7 @@ def main(
             t_done = time.perf_counter()
         finally:
             console.say("\nshutting Ray down …")
-            if ray.is_initialized():  # serve.shutdown() on no Ray would start one just to stop it
-                stop()
-                ray.shutdown()
+            stop(shutdown_ray=True)
     failed = [r.name for r in results if r.error]
     console.say(
         f"\ndone in {time.perf_counter() - t0:.0f} s: models {t_models - t0:.0f} s, Serve ready {t_ready - t_models:.0f} s, "

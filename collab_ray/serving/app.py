@@ -121,9 +121,24 @@ def start(config: CollabConfig, port: int | None = None, host: str | None = None
     return f"http://{host}:{port}/v1"
 
 
-def stop() -> None:
-    """Shut the Serve application and its deployments down."""
-    serve.shutdown()
+def stop(shutdown_ray: bool = False) -> None:
+    """Shut the Serve application and its deployments down (and this process's Ray, if asked);
+    nothing when Ray is not running (serve.shutdown() would start one just to stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if shutdown_ray:
+            ray.shutdown()
+
+
+def healthy_deployments() -> list[str]:
+    """Deployments of the app that are healthy now (none while Serve's controller is starting)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # the controller is still starting
+        return []
+    return [name for name, dep in (app.deployments.items() if app else ()) if str(dep.status).endswith("HEALTHY")]
 
 
 def serve_forever(config_path: str, port: int | None = None, host: str | None = None) -> None:
