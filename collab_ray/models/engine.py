@@ -117,6 +117,7 @@ class Engine:
         self.counters = {"forwards": 0, "tokens": 0, "evicted": 0, "expired": 0, "rejected": 0}
         self._stats: dict = {}
         self._returning: set[str] = set()  # sessions whose operation the last step finished
+        self._to_start: set[str] = set()  # sessions whose next operation may be ready to start
         self._step_end = 0.0
         self._step_time = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -161,6 +162,7 @@ class Engine:
             s.eos_ids = self.eos_ids
             self.sessions[session_id] = s
             s.ops.append(OpenOp(s, future, top_k))
+            self._to_start.add(session_id)
 
         def fail(e):
             if not future.done():
@@ -237,6 +239,7 @@ class Engine:
             op = make(s, future)
             op.limit = (grow, limit)
             s.ops.append(op)
+            self._to_start.add(session_id)
 
         self._inbox.put(enqueue)
         return future
@@ -247,7 +250,7 @@ class Engine:
         every = min(0.5, self.limits.session_ttl_s / 4)
         while not self._closed:
             try:
-                busy = bool(self.tasks) or any(s.ops for s in self.sessions.values())
+                busy = bool(self.tasks) or bool(self._to_start)
                 self._drain(block=every if not busy else 0)
                 now = time.monotonic()
                 if now - last_sweep >= every:
@@ -374,8 +377,11 @@ class Engine:
                 self.counters["expired"] += 1
 
     def _start_ops(self) -> None:
-        for s in list(self.sessions.values()):
-            while s.ops and not s.ops[0].started and self.sessions.get(s.id) is s:
+        """Start the head operation of each session that got one (not a scan of every session)."""
+        ready, self._to_start = self._to_start, set()
+        for session_id in ready:
+            s = self.sessions.get(session_id)
+            while s is not None and s.ops and not s.ops[0].started and self.sessions.get(s.id) is s:
                 op = s.ops[0]
                 op.started = True
                 if op.cancelled:
@@ -471,6 +477,8 @@ class Engine:
                 t.session.renew()
                 if t.session.ops and t.session.ops[0] is t:
                     t.session.ops.popleft()
+                if t.session.ops:
+                    self._to_start.add(t.session.id)
                 self._returning.add(t.session.id)
         self._step_end = time.monotonic()
         self._step_time = self._step_end - start
