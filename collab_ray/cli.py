@@ -2,7 +2,7 @@
 
 This module owns the top-level parser and the commands that need no heavy imports to describe
 (`models`, `demo`, `serve`). The other commands live beside their code (`merge/cli.py`,
-`tuning/cli.py`, `ensemble/cli.py`, `eval/cli.py`, `jobs/cli.py`), each with a `register(subparsers)`.
+`tuning/cli.py`, `eval/ensemble_cli.py`, `eval/cli.py`, `jobs/cli.py`), each with a `register(subparsers)`.
 Those packages import torch (and Ray) when loaded, so a module is imported only when its command is
 the one being run: `collab-ray --help` lists every command from `LAZY` below and stays well under
 two seconds. Every command group (`collab-ray`, `models`, `route`, `cascade`) prints its help when
@@ -20,8 +20,8 @@ LAZY: dict[str, tuple[str, str]] = {
     "merge": ("collab_ray.merge.cli", "merge models as a mergekit YAML says (streamed, HF safetensors out)"),
     "soup": ("collab_ray.merge.cli", "average fine-tunes of one model: uniform or greedy soup"),
     "tune-merge": ("collab_ray.tuning.cli", "search merge coefficients with Ray Tune (best merge YAML, trials CSV, plots)"),
-    "route": ("collab_ray.ensemble.cli", "routers for the 'route' strategy"),
-    "cascade": ("collab_ray.ensemble.cli", "thresholds for the 'cascade' strategy"),
+    "route": ("collab_ray.eval.ensemble_cli", "routers for the 'route' strategy"),
+    "cascade": ("collab_ray.eval.ensemble_cli", "thresholds for the 'cascade' strategy"),
     "eval": ("collab_ray.eval.cli", "score pipelines on a dataset (accuracy, calls, tokens, wall time)"),
     "run": ("collab_ray.jobs.cli", "run a pipeline over a JSONL dataset on the Ray cluster (resumable)"),
 }

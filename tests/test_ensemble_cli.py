@@ -6,8 +6,8 @@ from conftest import local_backend, run
 from collab_ray.config import load_config
 from collab_ray.core import SamplingParams
 from collab_ray.core.strategy import Request
-from collab_ray.ensemble import cli
 from collab_ray.ensemble.route import Router
+from collab_ray.eval import ensemble_cli as cli
 
 ROWS = [{"id": str(i), "question": f"Question number {i}?", "choices": ["yes", "no"], "answer": i % 2} for i in range(6)]
 

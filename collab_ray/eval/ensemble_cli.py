@@ -1,4 +1,10 @@
-"""`collab-ray route train` and `collab-ray cascade calibrate` (in-process models named by source)."""
+"""The ensemble strategies' fitting commands: `collab-ray route train`, `collab-ray cascade calibrate`.
+
+They run in-process models named by source (`TransformersBackend`) over a dataset and write what a
+pipeline then names in its params (a router file) or prints (cascade thresholds). They live here,
+with the other command-line faces, so that `collab_ray/ensemble/` reaches models only through the
+`ModelBackend` protocol. Each command group registers in `register`.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ def cascade_calibrate(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def _register_route(subparsers) -> None:
     route = subparsers.add_parser("route", help="routers for the 'route' strategy")
     route_sub = route.add_subparsers(dest="route_command", required=True)
     train = route_sub.add_parser("train", help="run every model on a dataset, fit a router, calibrate, save")
@@ -67,6 +73,8 @@ def register(subparsers) -> None:
     train.add_argument("--ridge", type=float, default=1.0, help="ridge regularization of the score predictors")
     train.set_defaults(func=route_train)
 
+
+def _register_cascade(subparsers) -> None:
     cascade = subparsers.add_parser("cascade", help="thresholds for the 'cascade' strategy")
     cascade_sub = cascade.add_subparsers(dest="cascade_command", required=True)
     cal = cascade_sub.add_parser("calibrate", help="choose stage thresholds on dev data")
@@ -74,3 +82,9 @@ def register(subparsers) -> None:
     cal.add_argument("--target-accuracy", type=float, default=None, help="cheapest thresholds reaching this accuracy")
     cal.add_argument("--target-share", type=float, default=None, help="most accurate with at most this share at the last stage")
     cal.set_defaults(func=cascade_calibrate)
+
+
+def register(subparsers) -> None:
+    """Every command group of this module (each in its own `_register_*`; LAZY in collab_ray/cli.py names them)."""
+    _register_route(subparsers)
+    _register_cascade(subparsers)
