@@ -1,4 +1,5 @@
-"""Resolve a model source (tiny, packaged, directory, GGUF file, Hub id) and load it with transformers.
+"""Resolve a model source (tiny, the multi-task experiment's, packaged, directory, GGUF file, Hub id) and load
+it with transformers.
 
 Weights are read from safetensors or GGUF only — never from pickle files.
 """
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_model
 
 from collab_ray.core.errors import ConfigError, ModelLoadError
-from collab_ray.models import packaged, tiny
+from collab_ray.models import multitask, packaged, tiny
 from collab_ray.models.cache import building, cache_root
 from collab_ray.models.config import ModelConfig
 
@@ -35,6 +36,8 @@ def resolve_source(source: str) -> Resolved:
     """Map a source string to what `from_pretrained` needs; errors name the source."""
     if source.startswith("tiny:"):
         return Resolved("dir", str(tiny.tiny_path(source.removeprefix("tiny:"))))
+    if source.partition(":")[0] in multitask.RECIPES:  # multitask-hard:add, … (built on first use)
+        return Resolved("dir", multitask.resolve_model(source))
     if source in packaged.PACKAGED:
         path = packaged.gguf_path(source)
         return Resolved("gguf", str(path.parent), path.name)
@@ -59,7 +62,7 @@ def resolve_source(source: str) -> Resolved:
     if HUB_ID_RE.match(source) and "/" in source:
         return Resolved("hub", source)
     raise ConfigError(
-        f"model source {source!r} is not tiny:NAME, a packaged model ({', '.join(packaged.PACKAGED)}), "
+        f"model source {source!r} is not tiny:NAME, {'/'.join(multitask.RECIPES)}:NAME, a packaged model ({', '.join(packaged.PACKAGED)}), "
         "an existing path, or a Hub id like org/name"
     )
 
