@@ -226,12 +226,16 @@ def parse_config(data: Any, source: str = "config") -> CollabConfig:
 
 def load_config(path: str | Path) -> CollabConfig:
     """The config in the YAML file at `path`, or the packaged config of that name (`demo`, `tiny`:
-    `collab_ray.configs`); a route pipeline's router file may be named relative to the YAML."""
+    `collab_ray.configs`); a file a pipeline names in its params (a router, a scorer: fields marked
+    `json_schema_extra={"file": True}`) may be named relative to the YAML."""
     path = configs.resolve(path)
     config = parse_config(read_yaml(path, "config"), str(path))
-    for pipe in config.pipelines.values():  # a router file named relative to the YAML (as configs/demo.yaml does)
-        router = (pipe.params or {}).get("router") if pipe.strategy == "route" else None
-        where = path.resolve().parent  # beside the real file when `path` is a link (deploy/demo.yaml)
-        if router and not Path(router).is_absolute() and (where / router).is_file():
-            pipe.params["router"] = str((where / router).resolve())
+    where = path.resolve().parent  # beside the real file when `path` is a link (deploy/demo.yaml)
+    for pipe in config.pipelines.values():  # files named relative to the YAML (as configs/demo.yaml does)
+        fields = get_strategy(pipe.strategy).Params.model_fields
+        for key, value in (pipe.params or {}).items():
+            extra = fields[key].json_schema_extra if key in fields else None
+            if isinstance(extra, dict) and extra.get("file") and isinstance(value, str):
+                if not Path(value).is_absolute() and (where / value).is_file():
+                    pipe.params[key] = str((where / value).resolve())
     return config

@@ -1,6 +1,9 @@
 """`cascade`: call models from cheapest to dearest, stop at the first whose confidence passes its
 threshold (FrugalGPT, Chen et al. 2023). Signals: mean or min token log-prob, agreement among
-samples, or a verifier model's yes/no score. `calibrate` picks thresholds on dev data."""
+samples, a verifier model's yes/no score, or `learned`: FrugalGPT's answer scorer, the P(correct) of
+a fitted `collab_ray.ensemble.scorer` given the stage's answer and its agreement with the earlier
+stages'. `calibrate` picks thresholds on dev data; `learned_thresholds` picks the learned signal's
+from out-of-fold scores (data the scorer was not fitted on) and they travel in the scorer file."""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 from collab_ray.core.types import Generation
-from collab_ray.ensemble.common import respond, sample_models
+from collab_ray.ensemble.common import pick, respond, sample_models
 from collab_ray.ensemble.rank import judge_scores
+from collab_ray.ensemble.scorer import Scorer
 from collab_ray.ensemble.vote import EXTRACTORS, majority_vote
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 from collab_ray.eval.datasets import Dataset
@@ -55,6 +59,11 @@ class CascadePoint:
     last_share: float  # share of items that reach the last (dearest) stage
     stage_counts: list[int] = field(default_factory=list)
 
+    @property
+    def calls(self) -> float:
+        """Mean stages run per item (model calls, one generation each)."""
+        return sum((k + 1) * c for k, c in enumerate(self.stage_counts)) / max(1, sum(self.stage_counts))
+
 
 def simulate(conf: np.ndarray, correct: np.ndarray, thresholds: Sequence[float]) -> CascadePoint:
     """conf, correct: [N, S] per item and stage (every stage run on dev data) -> accuracy and cost."""
@@ -91,6 +100,15 @@ def calibrate(
     return max(ok, key=lambda p: (p.accuracy, -p.last_share))
 
 
+def learned_thresholds(conf: np.ndarray, correct: np.ndarray, tolerance: float = 0.01) -> CascadePoint:
+    """conf: out-of-fold P(correct) [N, S] of each stage's answer (as the cascade sees it). One threshold t
+    for every stage (a probability means the same at each); of t on a grid of 0.05–0.95, the fewest
+    calls per item among the points within `tolerance` of the most accurate."""
+    points = [simulate(conf, correct, [t] * (conf.shape[1] - 1)) for t in np.linspace(0.05, 0.95, 19)]
+    best = max(p.accuracy for p in points)
+    return min((p for p in points if p.accuracy >= best - tolerance), key=lambda p: (p.calls, -p.accuracy))
+
+
 async def calibrate_cascade(
     models: dict, dataset: Dataset, *, target_accuracy: float | None = None, target_share: float | None = None
 ) -> CascadePoint:
@@ -108,8 +126,19 @@ class CascadeParams(BaseModel):
     thresholds: list[float] | None = Field(
         None, description="Confidence threshold of each stage but the last, cheapest first; default −∞ (stop at stage 1)."
     )
-    signal: Literal["mean_logprob", "min_logprob", "agreement", "verifier"] = Field(
-        "mean_logprob", description="Confidence signal of a stage's answer."
+    signal: Literal["mean_logprob", "min_logprob", "agreement", "verifier", "learned"] = Field(
+        "mean_logprob", description="Confidence signal of a stage's answer ('learned': P(correct) from `scorer_file`)."
+    )
+    scorer_file: str | None = Field(
+        None,
+        description="Learned scorer (.npz, `collab_ray.ensemble.scorer`; relative to the YAML) of signal 'learned'; "
+        "its thresholds are the default.",
+        json_schema_extra={"file": True},
+    )
+    fallback: bool = Field(
+        False,
+        description="With signal 'learned': answer with the scorer's `meta.fallback_model` alone, when it has one (the best "
+        "single model, recorded when the learned choice was not significantly better in cross-validation).",
     )
     samples: int = Field(3, ge=2, le=64, description="Samples per stage for the 'agreement' signal.")
     temperature: float = Field(0.7, ge=0.0, le=100.0, description="Sampling temperature of the 'agreement' samples.")
@@ -118,6 +147,12 @@ class CascadeParams(BaseModel):
         None, description="Model (not a stage) whose yes/no log-odds is the 'verifier' signal; stages are the other models, in order."
     )
 
+    @model_validator(mode="after")
+    def _learned(self):
+        if (self.signal == "learned") != (self.scorer_file is not None):
+            raise ValueError(f"signal {self.signal!r} with scorer_file {self.scorer_file!r}: scorer_file goes with signal 'learned'")
+        return self
+
 
 @register
 class Cascade(Strategy):
@@ -125,7 +160,14 @@ class Cascade(Strategy):
     min_models = 1
     Params = CascadeParams
 
-    async def confidence(self, models, request: Request, name: str) -> tuple[Generation, float, list[Generation]]:
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.scorer = Scorer.load(self.params.scorer_file) if self.params.scorer_file else None
+
+    async def confidence(
+        self, models, request: Request, name: str, earlier: list[tuple[str, Generation]]
+    ) -> tuple[Generation, float, list[Generation]]:
+        """A stage's answer and its confidence (`earlier`: the previous stages' answers, for signal 'learned')."""
         p = self.params
         if p.signal == "agreement":
             gens = (await sample_models(models, [name], request, p.samples, p.temperature))[name]
@@ -137,6 +179,10 @@ class Cascade(Strategy):
             return g, mean_logprob_confidence(g), [g]
         if p.signal == "min_logprob":
             return g, min_logprob_confidence(g), [g]
+        if p.signal == "learned":
+            seen = [*earlier, (name, g)]
+            probs = self.scorer.score([n for n, _ in seen], [x.logprobs for _, x in seen], [x.text for _, x in seen], [list(range(k)) for k in range(len(seen))])
+            return g, float(probs[-1]), [g]
         (score,) = await judge_scores(models[p.verifier], request, [g.text], "yes_no")
         return g, score, [g]
 
@@ -148,13 +194,26 @@ class Cascade(Strategy):
         if p.verifier is not None and p.verifier not in models:
             raise ConfigError(f"cascade verifier {p.verifier!r} is not one of the models {list(models)}")
         stages = [n for n in models if n != p.verifier]
-        thresholds = p.thresholds if p.thresholds is not None else [-math.inf] * (len(stages) - 1)
+        fallback = self.scorer.meta.get("fallback_model") if self.scorer is not None and p.fallback else None
+        if fallback is not None:
+            return pick(models, [fallback], "cascade scorer's fallback model"), []
+        if p.thresholds is not None:
+            thresholds = p.thresholds
+        elif self.scorer is not None and "cascade" in self.scorer.meta:
+            learned = self.scorer.meta["cascade"]
+            if learned["stages"] != stages:
+                raise ConfigError(f"scorer {p.scorer_file!r} chose thresholds for stages {learned['stages']}, not {stages}: set thresholds")
+            thresholds = learned["thresholds"]
+        else:
+            thresholds = [-math.inf] * (len(stages) - 1)
         if len(thresholds) != len(stages) - 1:
             raise ConfigError(f"cascade thresholds {thresholds} need one per stage but the last ({len(stages) - 1})")
         return stages, thresholds
 
     async def choose(self, models, context: str, choices: list[str]) -> ChoiceDecision:
         """Multiple choice: a stage's confidence is its top choice probability, whatever `signal` says."""
+        if self.params.signal == "learned" and not self.params.fallback:
+            raise ConfigError("cascade with signal 'learned' scores generated answers; it cannot answer multiple-choice items")
         stages, thresholds = self.stages(models)
         confidences = []
         for i, name in enumerate(stages):
@@ -166,10 +225,11 @@ class Cascade(Strategy):
     async def run(self, models, request: Request, emit: Emit | None = None) -> StrategyResult:
         p = self.params
         stages, thresholds = self.stages(models)
-        confidences = []
+        confidences, earlier = [], []
         for i, name in enumerate(stages):
-            g, conf, _ = await self.confidence(models, request, name)
+            g, conf, _ = await self.confidence(models, request, name, earlier)
             confidences.append(conf)
+            earlier.append((name, g))
             if i == len(stages) - 1 or conf >= thresholds[i]:
                 break
         collab = {"stage": i, "model": name, "signal": p.signal, "confidences": confidences}

