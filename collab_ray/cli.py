@@ -22,6 +22,7 @@ LAZY: dict[str, tuple[str, str]] = {
     "tune-merge": ("collab_ray.tuning.cli", "search merge coefficients with Ray Tune (best merge YAML, trials CSV, plots)"),
     "route": ("collab_ray.eval.ensemble_cli", "routers for the 'route' strategy"),
     "cascade": ("collab_ray.eval.ensemble_cli", "thresholds for the 'cascade' strategy"),
+    "ensemble": ("collab_ray.eval.ensemble_cli", "learned ensembles: fit a combiner, or fuse's weights and temperatures"),
     "eval": ("collab_ray.eval.cli", "score pipelines on a dataset (accuracy, calls, tokens, wall time)"),
     "run": ("collab_ray.jobs.cli", "run a pipeline over a JSONL dataset on the Ray cluster (resumable)"),
 }

@@ -1,6 +1,6 @@
 """Ensemble strategies (DESIGN §1 "Ensemble"): combine several models' outputs before, during or after inference.
 
-route (before), fuse (during), vote / rank / moa / cascade (after). Each module registers its strategy.
+route (before), fuse (during), vote / rank / moa / cascade / combine (after; combine: a learned combiner). Each module registers its strategy.
 """
 
-STRATEGY_MODULES = ("route", "fuse", "vote", "rank", "moa", "cascade")
+STRATEGY_MODULES = ("route", "fuse", "vote", "rank", "moa", "cascade", "combiner")

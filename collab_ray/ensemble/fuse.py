@@ -6,6 +6,13 @@ model's distribution into the union vocabulary of normalized token strings (`cor
 there, and feed every model its own tokenization of the chosen string. Options: top-k union
 (each model returns only its k best tokens), per-model weights, and a threshold mode that fuses
 only when the primary model's top probability is below the threshold.
+
+Multiple choice: p(c) = Σ_i w_i softmax(s_i / T_i)(c) over each model's acc_norm choice scores s_i,
+with per-model temperatures T_i (temperature scaling, Guo et al. 2017) and weights w_i fitted on a
+development split (`collab-ray ensemble fit --method fuse`: T_i minimizes model i's negative
+log-likelihood of the gold choices, then w maximizes the mixture's likelihood by EM). Equal weights
+at T = 1 lost to Gemma-3-270M by 3-5 points (benchmarks/results/ensemble.md): SmolLM2's choice
+distribution is as sharp as Gemma's while being right less often.
 """
 
 from __future__ import annotations
@@ -65,6 +72,11 @@ class FuseParams(BaseModel):
     primary: str | None = Field(
         None, description="The model whose tokens are the output and whose confidence the threshold reads; default the first."
     )
+    temperatures: list[float] | None = Field(
+        None,
+        description="Multiple choice: temperature of each model's choice distribution, in model order, applied before "
+        "weighting (fitted with `collab-ray ensemble fit --method fuse`); default 1. Token-level fusion ignores it.",
+    )
 
 
 def fuse_step(rows: torch.Tensor, weights: torch.Tensor, primary: int, threshold: float | None) -> tuple[torch.Tensor, bool]:
@@ -72,6 +84,33 @@ def fuse_step(rows: torch.Tensor, weights: torch.Tensor, primary: int, threshold
     if threshold is not None and float(rows[primary].max().exp()) >= threshold:
         return rows[primary], False
     return fuse_logprobs(rows, weights), True
+
+
+def temper(rows: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """rows [M, C] log-probs, temperatures [M] -> [M, C] log softmax(rows_i / T_i) (temperature scaling)."""
+    return torch.log_softmax(rows / temperatures[:, None], dim=-1)
+
+
+TEMPERATURES = np.geomspace(0.05, 20.0, 241)  # the grid `fit_temperature` searches (≈ 2.5% apart)
+
+
+def fit_temperature(logp: list[np.ndarray], gold: np.ndarray) -> float:
+    """Per-item log choice distributions [C_n] and gold [N] -> T minimizing Σ_n −log softmax(logp_n / T)[gold_n] (grid)."""
+    def nll(t: float) -> float:
+        return -sum(float(torch.log_softmax(torch.from_numpy(lp / t), 0)[g]) for lp, g in zip(logp, gold))
+
+    return float(min(TEMPERATURES, key=nll))
+
+
+def fit_weights(p_gold: np.ndarray, steps: int = 200) -> np.ndarray:
+    """p_gold [N, M] probability each model gives the gold choice -> w [M] on the simplex maximizing
+    Σ_n log Σ_i w_i p_gold[n, i] (EM for mixture weights: w_i ← mean_n of model i's responsibility)."""
+    n, m = p_gold.shape
+    w = np.full(m, 1.0 / m)
+    for _ in range(steps):
+        mix = p_gold * w  # [N, M]
+        w = (mix / np.maximum(mix.sum(1, keepdims=True), 1e-300)).mean(0)
+    return w
 
 
 @dataclass
@@ -176,6 +215,12 @@ class Fuse(Strategy):
         t = torch.tensor(w, dtype=torch.float32)
         return t / t.sum()
 
+    def temperatures(self, names: list[str]) -> torch.Tensor:
+        t = self.params.temperatures or [1.0] * len(names)
+        if len(t) != len(names) or any(not x > 0 for x in t):
+            raise ConfigError(f"fuse temperatures {t} must be {len(names)} positive numbers, one per model {names}")
+        return torch.tensor(t, dtype=torch.float32)
+
     def primary_index(self, names: list[str]) -> int:
         p = self.params.primary
         if p is not None and p not in names:
@@ -183,11 +228,12 @@ class Fuse(Strategy):
         return names.index(p) if p is not None else 0
 
     async def choose(self, models: dict[str, ModelBackend], context: str, choices: list[str]) -> ChoiceDecision:
-        """Multiple choice: p(c) = Σ_i w_i p_i(c) over the models' choice distributions, the sequence-level
-        counterpart of token fusion (or the primary's alone when it is sure, in threshold mode)."""
+        """Multiple choice: p(c) = Σ_i w_i p_i(c) over the models' (tempered) choice distributions, the
+        sequence-level counterpart of token fusion (or the primary's alone when it is sure, in threshold mode)."""
         names = list(models)
+        temperatures = self.temperatures(names)
         probs = await asyncio.gather(*(choice_probs(models[n], context, choices) for n in names))
-        rows = torch.log(torch.tensor(np.stack(probs), dtype=torch.float32))
+        rows = temper(torch.log(torch.tensor(np.stack(probs), dtype=torch.float32)), temperatures)
         fused, did_fuse = fuse_step(rows, self.weights(names), self.primary_index(names), self.params.threshold)
         return ChoiceDecision(int(torch.argmax(fused)), {"fused": did_fuse})
 

@@ -1,4 +1,5 @@
-"""The ensemble strategies' fitting commands: `collab-ray route train`, `collab-ray cascade calibrate`.
+"""The ensemble strategies' fitting commands: `collab-ray route train`, `collab-ray cascade calibrate`,
+`collab-ray ensemble fit`.
 
 They run in-process models named by source (`TransformersBackend`) over a dataset and write what a
 pipeline then names in its params (a router file) or prints (cascade thresholds). They live here,
@@ -65,6 +66,69 @@ def cascade_calibrate(args) -> int:
     return 0
 
 
+def ensemble_fit(args) -> int:
+    """Score a multiple-choice dataset with every model (or read the scores from `--records`), split it into a
+    development and a test part, fit on development (cross-validated), report on test, write the artefact."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from collab_ray.core.errors import ConfigError
+    from collab_ray.ensemble import combiner as cb
+    from collab_ray.eval.datasets import load
+
+    dataset = load(args.dataset).head(args.limit)
+    if dataset.kind != "choice":
+        raise ConfigError(f"ensemble fit needs a multiple-choice dataset; {args.dataset!r} holds short-answer items")
+    if args.records and Path(args.records).is_file():
+        records = cb.records_from_jsonl(args.records)
+        ids = [it.id for it in dataset.items]
+        if [r.id for r in records] != ids:
+            raise ConfigError(f"--records {args.records!r} holds other items than {dataset.name!r} ({len(records)} records, {len(ids)} items)")
+        names = list(records[0].scores)
+    else:
+        models = _models(args.model)
+        names = list(models)
+        records = asyncio.run(cb.model_records(models, dataset.items, progress=lambda i, n: print(f"scored {i}/{n} items", flush=True)))
+        if args.records:
+            cb.records_to_jsonl(records, args.records)
+    dev, test = cb.split_dev_test(len(records), args.dev_share, args.seed)
+    dev_records, test_records = [records[i] for i in dev], [records[i] for i in test]
+    where = {"dataset": dataset.name, "dev_items": len(dev), "seed": args.seed}
+    if args.method == "fuse":
+        weights, temperatures = cb.fit_fuse(dev_records, names)
+        best = max(names, key=lambda m: np.mean(cb.single_picks(dev_records, m) == [r.answer for r in dev_records]))
+        report = cb.held_out_report(cb.fuse_picks(test_records, names, weights, temperatures), test_records, best)
+        out = {"strategy": "fuse", "models": names, "params": {"weights": weights, "temperatures": temperatures}, "meta": {**where, "test": report}}
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    else:
+        config = cb.FitConfig(folds=args.folds, fallback=not args.no_fallback, seed=args.seed)
+        fitted = cb.fit_combiner(dev_records, names, config)
+        picks = np.array([fitted.choose(r) for r in test_records])
+        fitted.meta.update(where, test=cb.held_out_report(picks, test_records, fitted.meta["best_single"]))
+        fitted.save(args.output)
+        out = {"strategy": "combine", "models": names, "params": {"combiner": args.output}, "fallback": fitted.fallback, "meta": fitted.meta}
+    print(json.dumps({"output": args.output, **out}, indent=2))
+    return 0
+
+
+def _register_ensemble(subparsers) -> None:
+    ensemble = subparsers.add_parser("ensemble", help="learned ensembles: fit a combiner, or fuse's weights and temperatures")
+    ensemble_sub = ensemble.add_subparsers(dest="ensemble_command", required=True)
+    fit = ensemble_sub.add_parser(
+        "fit", help="score a multiple-choice set with every model, fit on a development split (cross-validated), report on the rest"
+    )
+    _common(fit)
+    fit.add_argument("--output", required=True, help="artefact to write: a combiner (.npz) or, with --method fuse, fuse's params (.json)")
+    fit.add_argument("--method", choices=["combiner", "fuse"], default="combiner", help="a learned combiner (strategy 'combine'), or fuse's weights and temperatures")
+    fit.add_argument("--dev-share", type=float, default=0.5, help="share of the items fitted on; the rest only scores the fit")
+    fit.add_argument("--folds", type=int, default=5, help="cross-validation folds over the development items")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the development/test split and of the folds")
+    fit.add_argument("--no-fallback", action="store_true", help="always combine, even when not significantly better than the best single model")
+    fit.add_argument("--records", default=None, help="JSONL of every model's per-choice scores: read when it exists (no model runs), else written")
+    fit.set_defaults(func=ensemble_fit)
+
+
 def _register_route(subparsers) -> None:
     route = subparsers.add_parser("route", help="routers for the 'route' strategy")
     route_sub = route.add_subparsers(dest="route_command", required=True)
@@ -98,3 +162,4 @@ def register(subparsers) -> None:
     """Every command group of this module (each in its own `_register_*`; LAZY in collab_ray/cli.py names them)."""
     _register_route(subparsers)
     _register_cascade(subparsers)
+    _register_ensemble(subparsers)
