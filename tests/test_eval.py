@@ -12,6 +12,7 @@ from collab_ray.eval.datasets import (
     convert_arc,
     convert_sciq,
     convert_triviaqa,
+    load,
     load_jsonl,
 )
 from collab_ray.eval.harness import CachedBackend, evaluate
@@ -59,6 +60,50 @@ def test_load_jsonl_and_errors(tmp_path):
         load_jsonl(bad)
     with pytest.raises(ConfigError, match="mixes"):
         load_jsonl(write(tmp_path, CHOICE + SHORT, "mixed.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question": "q", "choices": ["a", "b"], "answer": true}', r"bad.jsonl:2: 'answer' .* got True"),
+        ('[{"question": "q", "answers": ["a"]}]', r"bad.jsonl:2: a row must be a JSON object, got list"),
+        ('{"question": "q"}', r"bad.jsonl:2: an item needs 'choices'"),
+        ('{"choices": ["a", "b"], "answer": 0}', r"bad.jsonl:2: 'question' must be a non-empty string, got None"),
+        ('{"prompt": "", "answers": ["a"]}', r"bad.jsonl:2: 'prompt' must be a non-empty string, got ''"),
+        ('{"prompt": "p", "question": "q", "answers": ["a"]}', r"bad.jsonl:2: give 'prompt' .* or 'question'"),
+        ('{"prompt": "p", "answers": [""]}', r"bad.jsonl:2: 'answers' must be .* got \[''\]"),
+        ('{"id": "a", "prompt": "p", "answers": ["x"]}', r"bad.jsonl:2: id 'a' is used already at .*bad.jsonl:1"),
+        ('{"id": [1], "prompt": "p", "answers": ["x"]}', r"bad.jsonl:2: 'id' must be .* got \[1\]"),
+        ("{oops", r"bad.jsonl:2: not JSON"),
+    ],
+)
+def test_bad_rows_name_the_line_and_value(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a", "prompt": "A1+2=", "answers": ["3"]}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_jsonl(path)
+
+
+def test_raw_prompt_rows_and_limits(tmp_path):
+    d = load_jsonl(write(tmp_path, [{"id": "x", "prompt": "A1+2=", "answers": ["3"]}, {"prompt": "Rab=", "answers": ["ba"]}]))
+    assert d.kind == "short" and [i.prompt for i in d.items] == ["A1+2=", "Rab="] and [i.id for i in d.items] == ["x", "2"]
+    assert d.items[0].gold == ["3"] and len(d.head(1).items) == 1 and d.head(5).items == d.items
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match=f"--limit .* got {bad}"):
+            d.head(bad)
+
+
+def test_multitask_splits_are_datasets():
+    mixed = load("multitask-hard:test")
+    assert mixed.kind == "short" and len(mixed.items) == 3 * 256 and len({i.id for i in mixed.items}) == 3 * 256
+    assert [i.id for i in mixed.items[:4]] == ["add-0", "reverse-0", "sort-0", "add-1"]  # interleaved: any head is balanced
+    add = load("multitask-hard:validation:add")
+    assert len(add.items) == 256 and add.items[0].prompt.startswith("A") and add.items[0].prompt.endswith("=")
+    assert not {i.prompt for i in add.items} & {i.prompt for i in mixed.items}  # validation and test are disjoint
+    with pytest.raises(ConfigError, match="'multitask-hard:train': unknown split 'train'"):
+        load("multitask-hard:train")
+    with pytest.raises(ConfigError, match=r"'no-such-set' is neither .* arc_easy, .* multitask-hard:test"):
+        load("no-such-set")
 
 
 def test_converters_on_hand_made_rows():
