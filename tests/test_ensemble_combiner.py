@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import local_backend, run
 from pydantic import ValidationError
 
 from collab_ray.core.errors import ConfigError
@@ -12,7 +12,7 @@ from collab_ray.core.types import LoglikelihoodResult
 from collab_ray.ensemble import combiner as cb
 from collab_ray.ensemble.fuse import Fuse, fit_temperature, fit_weights
 
-CHOICES = ["alpha", "bravo", "charlie", "delta"]  # equal byte lengths: per-byte scores order as raw ones
+CHOICES = ["ant", "bee", "cat", "dog"]  # equal byte lengths: per-byte scores order as raw ones
 
 
 def record(i: int, answer: int, a: np.ndarray, b: np.ndarray) -> cb.Record:
@@ -193,3 +193,19 @@ def test_cli_fit_from_records_writes_a_loadable_artefact(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(argv) != 0
     assert "scores.jsonl" in capsys.readouterr().err
+
+
+def test_demo_config_combine_pipeline_loads_and_generates_with_its_best_single(tmp_path):
+    from collab_ray.config import load_config
+    from collab_ray.core.pipeline import Pipeline
+    from collab_ray.core.sampling import SamplingParams
+    from collab_ray.core.strategy import Request
+
+    config = load_config("demo")
+    shipped = config.build_pipeline("combine", {m: object() for m in config.models}).strategy.combiner
+    assert shipped.models == ["smollm2", "gemma"] and shipped.meta["items"] > 0
+    fitted = cb.fit_combiner(one_model_right(40, seed=13), ["a", "b"], cb.FitConfig(folds=2))
+    fitted.save(tmp_path / "c.npz")
+    models = {"a": local_backend("tiny:llama-bpe-small"), "b": local_backend("tiny:llama-bpe")}
+    out = run(Pipeline("combine", models, {"combiner": str(tmp_path / "c.npz")}).run(Request(prompt="Hi", params=SamplingParams(max_tokens=3, temperature=0.0))))
+    assert out.meta["output_model"] == fitted.meta["best_single"] == "a" and out.meta["collab"]["answered_by"] == "a"

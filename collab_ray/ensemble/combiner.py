@@ -109,7 +109,7 @@ def model_features(logprob: np.ndarray, tokens: np.ndarray, nbytes: np.ndarray) 
 
 def item_features(record: Record, models: Sequence[str]) -> np.ndarray:
     """One item -> [C, M·len(MODEL_FEATURES) + len(SHARED_FEATURES)] features of its choices (models in `models` order)."""
-    nbytes = np.array([len((" " + c).encode("utf-8")) for c in record.choices], dtype=np.float64)
+    nbytes = np.array([len(c.encode("utf-8")) for c in record.choices], dtype=np.float64)  # as `acc_norm_scores`
     per_model = []
     for m in models:
         s = record.scores.get(m)
