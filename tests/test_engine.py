@@ -204,3 +204,40 @@ def test_limits_are_checked_before_any_model_work():
         assert backend.stats(fresh=True)["steps"] == steps + 1  # only the session's prefill ran
     finally:
         backend.shutdown()
+
+
+def test_a_rollback_sent_with_the_next_call_equals_one_sent_on_its_own(backends):
+    """`Session.rollback`/`sync` travel with the next append or propose (`keep`, `feed`): the
+    results equal those of a session opened fresh on the same tokens, in-process and over Serve."""
+    from collab_ray.core.session import Session
+
+    (b,) = backends(m="tiny:llama-bpe").values()
+    params = SamplingParams(temperature=0, max_tokens=8)
+
+    async def scenario():
+        ids = await b.encode("The river runs past the mill")
+        s = await Session.open(b, ids)
+        drafts = (await s.propose(4, params, top_k=1)).tokens
+        kept = ids + drafts[:2] + [7]
+        await s.sync(kept)  # two drafts rolled back, one token added: no call yet
+        again = (await s.propose(3, params, top_k=1)).tokens
+        await s.rollback(len(ids) + 1)
+        rows = await s.append([9, 10], all_positions=True)
+        await s.sync(ids + [11, 12])
+        after_feed = await s.append([13], all_positions=True)
+        await s.close()
+        refs = []
+        for prefix, op in ((kept, "propose"), (ids + drafts[:1], "append"), (ids + [11, 12], "append1")):
+            fresh = await Session.open(b, prefix)
+            if op == "propose":
+                refs.append((await fresh.propose(3, params, top_k=1)).tokens)
+            else:
+                refs.append(await fresh.append([9, 10] if op == "append" else [13], all_positions=True))
+            await fresh.close()
+        return again, rows, after_feed, refs
+
+    again, rows, after_feed, (ref_again, ref_rows, ref_after_feed) = run(scenario())
+    assert again == ref_again
+    assert np.asarray(rows).shape == np.asarray(ref_rows).shape == (2, np.asarray(rows).shape[1])
+    np.testing.assert_allclose(rows, ref_rows, atol=1e-4)
+    np.testing.assert_allclose(after_feed, ref_after_feed, atol=1e-4)

@@ -104,3 +104,69 @@ def test_full_kv_budget_is_a_clear_503_and_the_server_keeps_serving(tight_app):
     assert "'tight'" in error["message"] and "capacity" in error["message"]
     ok = requests.post(f"{tight_app}/completions", json={**long, "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+class _CountingHandle:
+    """A stand-in for a DeploymentHandle: records the calls, answers each prompt with its text."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.started = asyncio.Event()
+
+    def __getattr__(self, method):
+        handle = self
+
+        class _Method:
+            def remote(self, *args):
+                handle.calls.append(method)
+                return handle._answer(method, *args)
+
+        return _Method()
+
+    async def _answer(self, method, *args):
+        self.started.set()
+        await asyncio.sleep(0.05)
+        if method == "generate_batch":
+            return [[f"{p}/{sp.seed}" for p in prompts] for prompts, sp in args[0]]
+        prompts, sp = args
+        return [f"{p}/{sp.seed}" for p in prompts]
+
+
+def test_generate_calls_of_one_request_travel_together_and_no_others():
+    from collab_ray.serving.handle_backend import REQUEST_SCOPE, ServeBackend
+
+    handle = _CountingHandle()
+    backend = ServeBackend(handle, "m")
+
+    async def request(tag: str, fan_out: int, scoped: bool = True):
+        if scoped:
+            REQUEST_SCOPE.set(tag)
+        return await asyncio.gather(*(backend.generate([f"{tag}{i}"], SamplingParams(seed=i)) for i in range(fan_out)))
+
+    async def main():
+        return await asyncio.gather(request("a", 8), request("b", 3), request("c", 4, scoped=False))
+
+    a, b, c = run(main())
+    assert a == [[f"a{i}/{i}"] for i in range(8)] and b == [[f"b{i}/{i}"] for i in range(3)]
+    assert c == [[f"c{i}/{i}"] for i in range(4)]
+    assert sorted(handle.calls) == ["generate"] * 4 + ["generate_batch"] * 2  # one per request; unscoped calls alone
+
+
+def test_a_cancelled_request_cancels_its_generate_batch():
+    from collab_ray.serving.handle_backend import REQUEST_SCOPE, ServeBackend
+
+    handle = _CountingHandle()
+    backend = ServeBackend(handle, "m")
+
+    async def main():
+        REQUEST_SCOPE.set("gone")
+        task = asyncio.ensure_future(asyncio.gather(*(backend.generate([str(i)], SamplingParams()) for i in range(4))))
+        await handle.started.wait()
+        batch = [t for t in asyncio.all_tasks() if "_call" in repr(t.get_coro())]
+        task.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return batch
+
+    (batch,) = run(main())
+    assert batch.cancelled(), batch

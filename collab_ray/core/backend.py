@@ -45,15 +45,20 @@ class ModelBackend(Protocol):
         """Prefill `prompt_ids` into a new KV-cached session; returns its id and next-token log-probs."""
 
     async def append(
-        self, session_id: str, token_ids: Sequence[int], *, all_positions: bool = False, top_k: int | None = None
+        self, session_id: str, token_ids: Sequence[int], *, all_positions: bool = False, top_k: int | None = None,
+        keep: int | None = None,
     ) -> LogProbs:
         """Feed tokens into a session. Returns next-token log-probs after each of them ([n, V],
-        all_positions=True, for verification) or after the last one only ([V])."""
+        all_positions=True, for verification) or after the last one only ([V]). With `keep`, the
+        session is first rolled back to its first `keep` tokens (a rollback without a call of its own)."""
 
     async def propose(
-        self, session_id: str, k: int, params: SamplingParams, *, top_k: int | None = None
+        self, session_id: str, k: int, params: SamplingParams, *, top_k: int | None = None,
+        keep: int | None = None, feed: Sequence[int] = (),
     ) -> Proposal:
-        """Draft k tokens in one call (appended to the session) with the distribution of each."""
+        """Draft k tokens in one call (appended to the session) with the distribution of each.
+        With `keep` and `feed`, the session is first rolled back to `keep` tokens and `feed` added
+        (no log-probs returned for them): what a drafter does each round, in one call."""
 
     async def rollback(self, session_id: str, length: int) -> None:
         """Truncate the session to its first `length` tokens (1 ≤ length ≤ current length)."""

@@ -69,13 +69,15 @@ class MeteredBackend:
             self.inner.open_session(prompt_ids, session_id=session_id, top_k=top_k), read=len(prompt_ids)
         )
 
-    async def append(self, session_id, token_ids, *, all_positions=False, top_k=None):
+    async def append(self, session_id, token_ids, *, all_positions=False, top_k=None, **rewind):
         return await self._timed(
-            self.inner.append(session_id, token_ids, all_positions=all_positions, top_k=top_k), read=len(token_ids)
+            self.inner.append(session_id, token_ids, all_positions=all_positions, top_k=top_k, **rewind), read=len(token_ids)
         )
 
-    async def propose(self, session_id, k, params, *, top_k=None):
-        return await self._timed(self.inner.propose(session_id, k, params, top_k=top_k), produced=k)
+    async def propose(self, session_id, k, params, *, top_k=None, **rewind):
+        return await self._timed(
+            self.inner.propose(session_id, k, params, top_k=top_k, **rewind), read=len(rewind.get("feed", ())), produced=k
+        )
 
     async def rollback(self, session_id, length):
         return await self._timed(self.inner.rollback(session_id, length))

@@ -174,15 +174,20 @@ class TransformersBackend:
         return await self._wait(self.engine.open_session(session_id or uuid.uuid4().hex, ids, top_k))
 
     async def append(
-        self, session_id: str, token_ids: Sequence[int], *, all_positions: bool = False, top_k: int | None = None
+        self, session_id: str, token_ids: Sequence[int], *, all_positions: bool = False, top_k: int | None = None,
+        keep: int | None = None,
     ) -> LogProbs:
         ids = self._check_ids(token_ids, "appended tokens")
-        return await self._wait(self.engine.append(session_id, ids, all_positions, top_k, self.max_prompt))
+        return await self._wait(self.engine.append(session_id, ids, all_positions, top_k, self.max_prompt, keep))
 
-    async def propose(self, session_id: str, k: int, params: SamplingParams, *, top_k: int | None = None) -> Proposal:
+    async def propose(
+        self, session_id: str, k: int, params: SamplingParams, *, top_k: int | None = None,
+        keep: int | None = None, feed: Sequence[int] = (),
+    ) -> Proposal:
         if k < 1:
             raise ValueError(f"propose needs k >= 1, got {k}")
-        return await self._wait(self.engine.propose(session_id, k, params, top_k, self.max_prompt))
+        feed = self._check_ids(feed, "fed tokens") if feed else []
+        return await self._wait(self.engine.propose(session_id, k, params, top_k, self.max_prompt, keep, feed))
 
     async def rollback(self, session_id: str, length: int) -> None:
         return await self._wait(self.engine.rollback(session_id, length))

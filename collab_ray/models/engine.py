@@ -171,16 +171,22 @@ class Engine:
         self._submit(Pending(len(ids), admit, fail, future.done, 0, "a session", opens_session=True))
         return future
 
-    def append(self, session_id: str, ids: list[int], all_positions: bool, top_k: int | None, limit: int) -> Future:
-        """Feed `ids`; fails if the session would pass `limit` tokens."""
-        return self._op(session_id, lambda s, f: AppendOp(s, f, ids, all_positions, top_k), len(ids), limit)
+    def append(
+        self, session_id: str, ids: list[int], all_positions: bool, top_k: int | None, limit: int, keep: int | None = None
+    ) -> Future:
+        """Feed `ids` (after rolling back to `keep` tokens); fails if the session would pass `limit` tokens."""
+        return self._op(session_id, lambda s, f: AppendOp(s, f, ids, all_positions, top_k), len(ids), limit, keep)
 
-    def propose(self, session_id: str, k: int, params: SamplingParams, top_k: int | None, limit: int) -> Future:
-        """Draft k tokens; fails if the session would pass `limit` tokens."""
-        return self._op(session_id, lambda s, f: ProposeOp(s, f, k, params, top_k), k, limit)
+    def propose(
+        self, session_id: str, k: int, params: SamplingParams, top_k: int | None, limit: int,
+        keep: int | None = None, feed: list[int] | None = None,
+    ) -> Future:
+        """Draft k tokens (after rolling back to `keep` tokens and adding `feed`); fails if the
+        session would pass `limit` tokens."""
+        return self._op(session_id, lambda s, f: ProposeOp(s, f, k, params, top_k), k, limit, keep, feed)
 
     def rollback(self, session_id: str, length: int) -> Future:
-        return self._op(session_id, lambda s, f: ImmediateOp(s, f, lambda s: _rollback(s, length)))
+        return self._op(session_id, lambda s, f: ImmediateOp(s, f, lambda s: s.rollback(length)))
 
     def session_tokens(self, session_id: str) -> Future:
         return self._op(session_id, lambda s, f: ImmediateOp(s, f, lambda s: list(s.tokens)))
@@ -226,7 +232,10 @@ class Engine:
         pending.deadline = time.monotonic() + self.limits.queue_timeout_s
         self._inbox.put(pending)
 
-    def _op(self, session_id: str, make: Callable[[Session, Future], SessionOp], grow: int = 0, limit: int = 0) -> Future:
+    def _op(
+        self, session_id: str, make: Callable[[Session, Future], SessionOp], grow: int = 0, limit: int = 0,
+        keep: int | None = None, feed: list[int] | None = None,
+    ) -> Future:
         future: Future = Future()
 
         def enqueue():
@@ -238,6 +247,7 @@ class Engine:
             self.sessions.move_to_end(session_id)
             op = make(s, future)
             op.limit = (grow, limit)
+            op.keep, op.adds = keep, list(feed or ())
             s.ops.append(op)
             self._to_start.add(session_id)
 
@@ -388,6 +398,7 @@ class Engine:
                     s.ops.popleft()
                     continue
                 try:
+                    op.rewind()
                     op.check_limit()
                     op.start()
                 except Exception as e:
@@ -503,15 +514,6 @@ class Engine:
             "steps": self.step_count,
             **self.counters,
         }
-
-
-def _rollback(s: Session, length: int) -> None:
-    if not 1 <= length <= len(s.tokens):
-        raise ValueError(f"rollback length {length} outside [1, {len(s.tokens)}] for session {s.id!r}")
-    if length < len(s.tokens):
-        s.seq.crop(length)
-        s.tokens = s.tokens[:length]
-        s.last_logits = None
 
 
 def default_kv_budget(model, device) -> int:

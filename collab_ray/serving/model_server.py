@@ -4,7 +4,7 @@ Every call goes straight to the model's engine (collab_ray/models/engine.py), wh
 work of all concurrent callers step by step: no `@serve.batch` window, no per-call forward.
 `session_batch` takes many session operations in one call (the coordinator coalesces the
 operations its requests issue in the same tick), so a round of 32 concurrent speculative requests
-costs one call per model, not 32. `stats` publishes the engine's gauges.
+costs one call per model, not 32; `generate_batch` takes the generation calls one request fans out. `stats` publishes the engine's gauges.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class ModelServer:
 
     async def generate(self, prompts: Sequence, params: SamplingParams):
         return await self.backend.generate(list(prompts), params)
+
+    async def generate_batch(self, calls: list[tuple[Sequence, SamplingParams]]) -> list:
+        """Several `generate` calls of one request (prompts × n choices, coalesced by the
+        coordinator) in one round trip; each call's result or its exception, in order. The engine
+        schedules them as it would separate calls."""
+        return await asyncio.gather(*(self.generate(p, sp) for p, sp in calls), return_exceptions=True)
 
     async def loglikelihood(self, requests: Sequence):
         return await self.backend.loglikelihood(list(requests))
@@ -78,11 +84,11 @@ class ModelServer:
     async def open_session(self, prompt_ids, *, session_id=None, top_k=None):
         return await self.backend.open_session(prompt_ids, session_id=session_id, top_k=top_k)
 
-    async def append(self, session_id, token_ids, *, all_positions=False, top_k=None):
-        return await self.backend.append(session_id, token_ids, all_positions=all_positions, top_k=top_k)
+    async def append(self, session_id, token_ids, *, all_positions=False, top_k=None, keep=None):
+        return await self.backend.append(session_id, token_ids, all_positions=all_positions, top_k=top_k, keep=keep)
 
-    async def propose(self, session_id, k, params, *, top_k=None):
-        return await self.backend.propose(session_id, k, params, top_k=top_k)
+    async def propose(self, session_id, k, params, *, top_k=None, keep=None, feed=()):
+        return await self.backend.propose(session_id, k, params, top_k=top_k, keep=keep, feed=feed)
 
     async def rollback(self, session_id, length):
         return await self.backend.rollback(session_id, length)

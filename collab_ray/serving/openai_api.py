@@ -45,6 +45,7 @@ from collab_ray.serving.api_protocol import (
     UnsupportedField,
 )
 from collab_ray.serving.coordinator import Coordinator, PipelineNotFound
+from collab_ray.serving.handle_backend import REQUEST_SCOPE
 
 log = logging.getLogger("collab_ray.api")
 access_log = logging.getLogger("collab_ray.access")
@@ -283,9 +284,11 @@ class _Gate:
             if not path.startswith(PROTECTED):
                 return await self.app(scope, receive, send_with_id)
             self.metrics.in_flight.inc()
+            request_scope = REQUEST_SCOPE.set(uuid.uuid4().hex)  # its model calls travel together (a client may reuse ids)
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
+                REQUEST_SCOPE.reset(request_scope)
                 self.metrics.in_flight.dec()
                 self.limiter.release(key)
         except Exception as e:  # noqa: BLE001 - nothing may reach the client as a traceback
