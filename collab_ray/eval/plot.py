@@ -46,7 +46,7 @@ def cost_accuracy_svg(points: list[tuple[str, float, PipelineScore]], title: str
     x = lambda c: left + (c - lo_c) / (hi_c - lo_c) * width  # noqa: E731  cost -> pixels
     y = lambda a: top + (hi_a - a) / (hi_a - lo_a) * height  # noqa: E731  accuracy -> pixels
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 240}" height="{top + height + 50}" font-family="sans-serif" font-size="11">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 330}" height="{max(top + height + 50, top + 12 * len(points) + 20)}" font-family="sans-serif" font-size="11">',
         f'<text x="10" y="20" font-size="14">{escape(title)}</text>',
         f'<line x1="{left}" x2="{left + width}" y1="{top + height}" y2="{top + height}" stroke="black"/>',
         f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + height}" stroke="black"/>',
@@ -56,12 +56,13 @@ def cost_accuracy_svg(points: list[tuple[str, float, PipelineScore]], title: str
         c, a = lo_c + k * (hi_c - lo_c) / 4, lo_a + k * (hi_a - lo_a) / 4
         parts.append(f'<text x="{x(c):.1f}" y="{top + height + 15}" text-anchor="middle">{c:.1f}</text>')
         parts.append(f'<text x="{left - 6}" y="{y(a) + 4:.1f}" text-anchor="end">{100 * a:.0f}%</text>')
-    for i, (label, c, s) in enumerate(points):
+    for i, (label, c, s) in enumerate(points):  # a numbered point each; the legend on the right names them
         a = s.accuracy
         parts += [
             f'<line x1="{x(c):.1f}" x2="{x(c):.1f}" y1="{y(a.low):.1f}" y2="{y(a.high):.1f}" stroke="#999"/>',
-            f'<circle cx="{x(c):.1f}" cy="{y(a.value):.1f}" r="4" fill="#4c78a8"/>',
-            f'<text x="{x(c) + 6:.1f}" y="{y(a.value) - 4 + 11 * (i % 2):.1f}">{escape(label)} {100 * a.value:.1f}%</text>',
+            f'<circle cx="{x(c):.1f}" cy="{y(a.value):.1f}" r="3" fill="#4c78a8"/>',
+            f'<text x="{x(c) + 5 + 12 * (i % 3):.1f}" y="{y(a.value) + 4:.1f}" font-size="9">{i + 1}</text>',
+            f'<text x="{left + width + 20}" y="{top + 12 * i + 4}">{i + 1}. {escape(label)}: {100 * a.value:.1f}%, {c:.2f} calls</text>',
         ]
     parts.append("</svg>")
     path = Path(path)
