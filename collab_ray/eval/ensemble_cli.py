@@ -106,6 +106,9 @@ def ensemble_fit(args) -> int:
         fitted = cb.fit_combiner(dev_records, names, config)
         picks = np.array([fitted.choose(r) for r in test_records])
         fitted.meta.update(where, test=cb.held_out_report(picks, test_records, fitted.meta["best_single"]))
+        if fitted.fallback is not None:  # what combining would have scored on the test part, for the record
+            combined = np.array([fitted.choose(r, use_fallback=False) for r in test_records])
+            fitted.meta["test_without_fallback"] = cb.held_out_report(combined, test_records, fitted.meta["best_single"])
         fitted.save(args.output)
         out = {"strategy": "combine", "models": names, "params": {"combiner": args.output}, "fallback": fitted.fallback, "meta": fitted.meta}
     print(json.dumps({"output": args.output, **out}, indent=2))
