@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from collab_ray.core.decoding import user_text
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 from collab_ray.core.types import Generation
@@ -181,7 +182,10 @@ class Cascade(Strategy):
             return g, min_logprob_confidence(g), [g]
         if p.signal == "learned":
             seen = [*earlier, (name, g)]
-            probs = self.scorer.score([n for n, _ in seen], [x.logprobs for _, x in seen], [x.text for _, x in seen], [list(range(k)) for k in range(len(seen))])
+            probs = self.scorer.score(
+                user_text(request), [n for n, _ in seen], [x.logprobs for _, x in seen], [x.text for _, x in seen],
+                [list(range(k)) for k in range(len(seen))],
+            )
             return g, float(probs[-1]), [g]
         (score,) = await judge_scores(models[p.verifier], request, [g.text], "yes_no")
         return g, score, [g]

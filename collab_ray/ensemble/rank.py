@@ -149,7 +149,7 @@ class Rank(Strategy):
         texts = [g.text for _, g in flat]
         if self.scorer is not None:  # P(correct) of each candidate against all the others
             others = [[j for j in range(len(flat)) if j != i] for i in range(len(flat))]
-            scores = self.scorer.score([n for n, _ in flat], [g.logprobs for _, g in flat], texts, others).tolist()
+            scores = self.scorer.score(user_text(request), [n for n, _ in flat], [g.logprobs for _, g in flat], texts, others).tolist()
         else:
             judges = pick(models, p.judges, "rank judges")
             per_judge = await asyncio.gather(*(judge_scores(models[j], request, texts, p.scorer) for j in judges))
