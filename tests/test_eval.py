@@ -144,16 +144,26 @@ def test_evaluate_choice_and_short_answer(backends, tmp_path):
         "rank": Pipeline("rank", models),
         "cascade": Pipeline("cascade", models, {"thresholds": [0.99]}),
     }
-    scores, runs = run(evaluate(pipelines, load_jsonl(write(tmp_path, CHOICE))))
+    done = run(evaluate(pipelines, load_jsonl(write(tmp_path, CHOICE))))
+    scores, runs = done.scores, done.runs
     assert set(scores) == set(pipelines) and set(runs) == {"tiny:llama-bpe", "tiny:llama-sp"}
     for name in ("a", "b"):  # a single pipeline agrees with its model's batched pass
         assert scores[name].correct == runs[f"tiny:llama-{'bpe' if name == 'a' else 'sp'}"].correct.tolist()
         assert scores[name].calls == 3
     assert scores["fuse"].calls == 6 and all(d["stage"] in (0, 1) for d in scores["cascade"].decisions)
-    short, _ = run(evaluate({"a": pipelines["a"], "fuse": pipelines["fuse"]}, load_jsonl(write(tmp_path, SHORT, "s.jsonl"))))
+    best = done.best_single()
+    assert best in runs and all(runs[best].correct.mean() >= r.correct.mean() for r in runs.values())
+    own = {"tiny:llama-bpe": "a", "tiny:llama-sp": "b"}[best]
+    assert done.paired()[own].diff == 0 and done.paired()[own].p_value == 1.0  # the best model's own pipeline
+    records = done.records()
+    assert [r["id"] for r in records] == ["1", "2", "3"] and [r["gold"] for r in records] == [0, 1, 0]
+    assert all(r["pipelines"]["fuse"]["correct"] == (r["pipelines"]["fuse"]["answer"] == r["gold"]) for r in records)
+    short = run(evaluate({"a": pipelines["a"], "fuse": pipelines["fuse"]}, load_jsonl(write(tmp_path, SHORT, "s.jsonl")))).scores
     assert len(short["fuse"].correct) == 2 and short["fuse"].calls > 2
-    with pytest.raises(ConfigError, match="'moa'"):
-        run(evaluate({"moa": Pipeline("moa", models)}, load_jsonl(write(tmp_path, CHOICE))))
+    seen = []
+    with pytest.raises(ConfigError, match="pipeline 'moa': strategy 'moa' only generates"):
+        run(evaluate({"a": pipelines["a"], "moa": Pipeline("moa", models)}, load_jsonl(write(tmp_path, CHOICE)), on_update=seen.append))
+    assert seen == []  # refused before any model ran
 
 
 def test_eval_cli(tmp_path, capsys):
@@ -170,7 +180,7 @@ def test_eval_cli(tmp_path, capsys):
     assert saved["items"] == 3 and set(saved["pipelines"]) == {"tiny:llama-bpe", "tiny:llama-sp", "fuse"}
     assert (tmp_path / "out" / "r.svg").read_text().startswith("<svg")
     with pytest.raises(ConfigError, match="not JSON"):
-        eval_cli.pipelines_from_args({}, ["fuse:{oops"])
+        eval_cli.plan_from_args([], ["fuse:{oops"], "choice")
 
 
 def test_eval_cli_scores_pipelines_of_a_config(tmp_path, capsys):
@@ -183,8 +193,95 @@ def test_eval_cli_scores_pipelines_of_a_config(tmp_path, capsys):
     assert list(saved["pipelines"]) == ["target", "draft", "fuse", "cascade"]
     assert all(len(p["correct"]) == 3 for p in saved["pipelines"].values())
     with pytest.raises(ConfigError, match="'nope' not in deploy/tiny.yaml"):
-        eval_cli.pipelines_from_config("deploy/tiny.yaml", ["fuse", "nope"])
+        eval_cli.plan_from_config("deploy/tiny.yaml", ["fuse", "nope"], "choice")
     for bad in (["eval", "deploy/tiny.yaml", "--model", "tiny:llama-bpe", "--dataset", str(data)], ["eval", "--pipelines", "fuse", "--model", "tiny:llama-bpe", "--dataset", str(data)]):
         with pytest.raises(ConfigError):
             args = parser.parse_args(bad)
             args.func(args)
+
+
+def eval_parser():
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def run_cli(argv):
+    args = eval_parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_eval_cli_output_records_paired_tests_and_progress(tmp_path, capsys):
+    data = write(tmp_path, CHOICE)
+    assert run_cli(["eval", "--dataset", str(data), "--model", "tiny:llama-bpe", "--model", "tiny:llama-sp", "--pipeline", "vote", "--output", str(tmp_path / "run.v2")]) == 0
+    out, err = capsys.readouterr()
+    assert "vs best single tiny:llama-" in out and "[p=" in out
+    assert "model tiny:llama-bpe: 100%" in err and "pipeline vote: 100%" in err and "item/s" in err  # tqdm bars
+    saved = json.loads((tmp_path / "run.v2.json").read_text())  # the name kept as given
+    assert (tmp_path / "run.v2.svg").is_file() and not (tmp_path / "run.json").exists()
+    assert saved["complete"] and saved["best_single"] in ("tiny:llama-bpe", "tiny:llama-sp") and set(saved["models"]) == {"tiny:llama-bpe", "tiny:llama-sp"}
+    assert [r["id"] for r in saved["records"]] == ["1", "2", "3"] and saved["records"][1]["gold"] == 1
+    assert set(saved["records"][0]["pipelines"]) == {"tiny:llama-bpe", "tiny:llama-sp", "vote"}
+    assert set(saved["paired_vs_best_single"]["vote"]) == {"diff", "a_only", "b_only", "p_value"}
+
+
+def test_eval_cli_checks_every_input_before_loading_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_cli, "load_pipelines", lambda plan: pytest.fail("a model was loaded"))
+    data = write(tmp_path, CHOICE)
+    bad_row = tmp_path / "bad.jsonl"
+    bad_row.write_text(data.read_text() + '{"question": "q", "choices": ["a", "b"], "answer": true}\n')
+    cases = [
+        (["--dataset", str(data), "--limit", "0"], "--limit .* got 0"),
+        (["--dataset", str(data), "--limit", "-1"], "--limit .* got -1"),
+        (["--dataset", str(bad_row)], r"bad.jsonl:4: 'answer' .* got True"),
+        (["--dataset", "arc_eazy"], "'arc_eazy' is neither .* arc_easy"),
+        (["--dataset", str(data), "--pipelines", "fuse,speculative"], "pipeline 'speculative': strategy 'speculative' only generates; it cannot answer multiple-choice items"),
+        (["--dataset", str(data), "--pipelines", "fuse", "--output", str(tmp_path) + "/"], "names a folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_cli(["eval", "deploy/tiny.yaml", *argv])
+    two = ["--model", "tiny:llama-bpe", "--model", "tiny:llama-sp"]
+    with pytest.raises(ConfigError, match="pipeline 'moa': strategy 'moa' only generates"):
+        run_cli(["eval", "--dataset", str(data), *two, "--pipeline", "moa"])
+    with pytest.raises(ConfigError, match="--pipeline moa: strategy 'moa' needs at least 2 models, got 1"):
+        run_cli(["eval", "--dataset", str(data), "--model", "tiny:llama-bpe", "--pipeline", "moa"])
+    with pytest.raises(ConfigError, match=r"--pipeline fuse:\{\"mode\": \"blend\"\}: mode: Input should be .*, got 'blend'"):
+        run_cli(["eval", "--dataset", str(data), *two, "--pipeline", 'fuse:{"mode": "blend"}'])
+
+
+def test_eval_cli_without_pipelines_runs_those_that_can_answer(tmp_path):
+    plan = eval_cli.plan_from_config("deploy/tiny.yaml", [], "choice")
+    assert {"fuse", "vote", "rank", "cascade", "target", "sp"} <= set(plan.pipelines)
+    assert {"speculative", "moa", "contrastive"} <= set(plan.skipped) and "only generates" in plan.skipped["moa"]
+    assert "cannot answer multiple-choice" in plan.skipped["speculative"] and not set(plan.pipelines) & set(plan.skipped)
+    assert set(plan.models) == {m for _, roles in plan.pipelines.values() for m in roles.values()}
+    every = eval_cli.plan_from_config("deploy/tiny.yaml", [], "short")
+    assert not every.skipped and "speculative" in every.pipelines
+
+
+def test_eval_cli_keeps_passes_done_before_a_failure(tmp_path, monkeypatch, capsys):
+    from collab_ray.eval import harness
+
+    score = harness.score_pipeline
+
+    async def failing(name, *args, **kwargs):
+        if name == "fuse":
+            raise RuntimeError("out of memory")
+        return await score(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "score_pipeline", failing)
+    with pytest.raises(RuntimeError):
+        run_cli(["eval", "deploy/tiny.yaml", "--pipelines", "draft,fuse", "--dataset", str(write(tmp_path, CHOICE)), "--output", str(tmp_path / "r.json")])
+    saved = json.loads((tmp_path / "r.json").read_text())  # a trailing .json is not doubled
+    assert not saved["complete"] and set(saved["models"]) == {"target", "draft"} and list(saved["pipelines"]) == ["draft"]
+    assert "complete: false" in capsys.readouterr().err
+
+
+def test_eval_cli_scores_raw_prompt_short_answers_of_the_multitask_splits(tmp_path, capsys):
+    out = tmp_path / "mt"
+    assert run_cli(["eval", "--dataset", "multitask-small:test", "--limit", "6", "--model", "multitask-small:base", "--model", "multitask-small:add", "--pipeline", "cascade:{\"thresholds\": [-0.5]}", "--output", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["kind"] == "short" and saved["items"] == 6
+    assert [r["id"] for r in saved["records"][:3]] == ["add-0", "reverse-0", "sort-0"] and saved["records"][0]["gold"] == ["672"]
+    assert all(isinstance(r["pipelines"]["cascade"]["answer"], str) for r in saved["records"])

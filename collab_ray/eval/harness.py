@@ -1,30 +1,58 @@
-"""Score pipelines on a dataset: accuracy with a confidence interval, model calls, tokens, wall time.
+"""Score pipelines on a dataset: accuracy with a confidence interval, model calls, tokens, wall time,
+per-item records, and a paired test of every pipeline against the best single model.
 
 Multiple-choice items are answered by log-likelihood (`single` pipelines: argmax acc_norm; ensemble
 strategies through their `choose`); short-answer items by running the pipeline and exact match.
 Pipelines over the same model objects share a cache of deterministic results (log-likelihoods,
 greedy generations), so a model scores an item once while every pipeline is still charged the
-calls and tokens it makes.
+calls and tokens it makes. Each model pass and each pipeline pass shows a progress bar (tqdm, on
+stderr). A model pass asks for log-likelihoods in chunks bounded by continuation tokens times the
+model's vocabulary (`SCORE_BUDGET_BYTES`): the engine keeps a [tokens, vocabulary] row of logits
+per continuation token in flight, so long choices (PIQA-like) asked all at once held gigabytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
+
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.metering import MeteredBackend, ModelStats
 from collab_ray.core.pipeline import Pipeline
 from collab_ray.core.sampling import SamplingParams
-from collab_ray.core.strategy import Request
+from collab_ray.core.strategy import Request, Strategy
 from collab_ray.eval.choice import choice_pairs, choice_probs, model_choice
 from collab_ray.eval.datasets import Dataset, Item
-from collab_ray.eval.metrics import Accuracy, accuracy, exact_match
+from collab_ray.eval.metrics import (
+    Accuracy,
+    Paired,
+    accuracy,
+    exact_match,
+    paired_comparison,
+)
 
 SHORT_ANSWER = SamplingParams(max_tokens=16, temperature=0.0, stop=("\n",))  # greedy, one line
+SCORE_BUDGET_BYTES = 256 << 20  # float32 logits one log-likelihood call of a model pass may hold (tokens × vocabulary × 4)
+KINDS = {"choice": "multiple-choice", "short": "short-answer"}
+
+
+def cannot_answer(strategy: Strategy, kind: str) -> str | None:
+    """Why `strategy` cannot answer items of `kind` ('choice' or 'short'), or None when it can."""
+    if kind == "choice" and strategy.name != "single" and not hasattr(strategy, "choose"):
+        return f"strategy {strategy.name!r} only generates; it cannot answer {KINDS[kind]} items"
+    return None
+
+
+def bar(total: int, desc: str) -> tqdm:
+    """A progress bar over items (rate and ETA) on stderr."""
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
 
 
 class CachedBackend:
@@ -103,61 +131,55 @@ async def choose_item(pipeline: Pipeline, item: Item, stats: dict[str, ModelStat
     """One multiple-choice answer of a pipeline, and its decision meta."""
     metered = {role: MeteredBackend(b) for role, b in pipeline.models.items()}
     strategy = pipeline.strategy
+    reason = cannot_answer(strategy, "choice")
+    if reason:
+        raise ConfigError(reason)
     if hasattr(strategy, "choose"):
         d = await strategy.choose(metered, item.prompt, item.choices)
-    elif strategy.name == "single":
+    else:  # single
         (backend,) = metered.values()
         d = await model_choice(backend, item.prompt, item.choices)
-    else:
-        raise ConfigError(f"strategy {strategy.name!r} cannot answer multiple-choice items (it only generates)")
     _add(stats, metered)
     return d.index, d.meta
 
 
 async def score_pipeline(
-    name: str,
-    pipeline: Pipeline,
-    dataset: Dataset,
-    params: SamplingParams = SHORT_ANSWER,
-    progress: Callable[[str, int, int], None] | None = None,
-    batch: int = 16,
+    name: str, pipeline: Pipeline, dataset: Dataset, params: SamplingParams = SHORT_ANSWER, batch: int = 16
 ) -> PipelineScore:
-    """Run one pipeline over every item of the dataset."""
+    """Run one pipeline over every item of the dataset (a progress bar on stderr)."""
     stats: dict[str, ModelStats] = {}
     correct, decisions = [], []
     start = time.perf_counter()
     items = dataset.items
-    if dataset.kind == "choice":
-        for i, item in enumerate(items):
-            index, meta = await choose_item(pipeline, item, stats)
-            correct.append(index == item.answer)
-            decisions.append({"choice": index, **meta})
-            if progress:
-                progress(name, i + 1, len(items))
-    elif pipeline.strategy.name == "single":  # batched: one generate call per `batch` items
-        ((role, backend),) = pipeline.models.items()
-        metered = MeteredBackend(backend)
-        for s in range(0, len(items), batch):
-            chunk = items[s : s + batch]
-            gens = await metered.generate([it.prompt for it in chunk], params)
-            for it, g in zip(chunk, gens):
-                correct.append(exact_match(g.text, it.answers))
-                decisions.append({"text": g.text})
-            if progress:
-                progress(name, s + len(chunk), len(items))
-        _add(stats, {role: metered})
-    else:
-        for i, item in enumerate(items):
-            result = await pipeline.run(Request(prompt=item.prompt, params=params))
-            correct.append(exact_match(result.text, item.answers))
-            decisions.append({"text": result.text, **result.meta.get("collab", {})})
-            for role, m in result.meta["models"].items():
-                s = stats.setdefault(role, ModelStats())
-                s.calls += m["calls"]
-                s.prompt_tokens += m["prompt_tokens"]
-                s.completion_tokens += m["completion_tokens"]
-            if progress:
-                progress(name, i + 1, len(items))
+    with bar(len(items), f"pipeline {name}") as progress:
+        if dataset.kind == "choice":
+            for item in items:
+                index, meta = await choose_item(pipeline, item, stats)
+                correct.append(index == item.answer)
+                decisions.append({"choice": index, **meta})
+                progress.update()
+        elif pipeline.strategy.name == "single":  # batched: one generate call per `batch` items
+            ((role, backend),) = pipeline.models.items()
+            metered = MeteredBackend(backend)
+            for s in range(0, len(items), batch):
+                chunk = items[s : s + batch]
+                gens = await metered.generate([it.prompt for it in chunk], params)
+                for it, g in zip(chunk, gens):
+                    correct.append(exact_match(g.text, it.answers))
+                    decisions.append({"text": g.text})
+                progress.update(len(chunk))
+            _add(stats, {role: metered})
+        else:
+            for item in items:
+                result = await pipeline.run(Request(prompt=item.prompt, params=params))
+                correct.append(exact_match(result.text, item.answers))
+                decisions.append({"text": result.text, **result.meta.get("collab", {})})
+                for role, m in result.meta["models"].items():
+                    s = stats.setdefault(role, ModelStats())
+                    s.calls += m["calls"]
+                    s.prompt_tokens += m["prompt_tokens"]
+                    s.completion_tokens += m["completion_tokens"]
+                progress.update()
     wall = time.perf_counter() - start
     calls = sum(s.calls for s in stats.values())
     tokens = sum(s.prompt_tokens + s.completion_tokens for s in stats.values())
@@ -174,52 +196,135 @@ class ModelRun:
     wall_s: float
 
 
+async def choice_chunks(backend: ModelBackend, items: list[Item], batch: int) -> list[list[Item]]:
+    """`items` in consecutive chunks of at most `batch` items whose choices' tokens, times the model's
+    vocabulary in float32 logits, stay within SCORE_BUDGET_BYTES (an item over it on its own is a chunk)."""
+    vocab = (await backend.info()).vocab_size
+    budget = max(1, SCORE_BUDGET_BYTES // (4 * vocab))
+    lengths = await asyncio.gather(*(backend.encode(c, add_special_tokens=False) for it in items for _, c in choice_pairs(it.prompt, it.choices)))
+    sizes, k = [], 0
+    for it in items:
+        sizes.append(sum(len(ids) for ids in lengths[k : k + len(it.choices)]))
+        k += len(it.choices)
+    chunks: list[list[Item]] = []
+    tokens = 0
+    for it, n in zip(items, sizes):
+        if not chunks or len(chunks[-1]) == batch or tokens + n > budget:
+            chunks.append([])
+            tokens = 0
+        chunks[-1].append(it)
+        tokens += n
+    return chunks
+
+
 async def run_model(
     backend: ModelBackend, dataset: Dataset, params: SamplingParams = SHORT_ANSWER, batch: int = 16
 ) -> ModelRun:
-    """Score one model on the dataset in batched calls (log-likelihood or greedy generation)."""
+    """Score one model on the dataset in batched calls (log-likelihood or greedy generation), with a
+    progress bar on stderr."""
     start = time.perf_counter()
     items = dataset.items
     correct, conf, score = [], [], []
-    for s in range(0, len(items), batch):
-        chunk = items[s : s + batch]
-        if dataset.kind == "choice":
-            await backend.loglikelihood([pair for it in chunk for pair in choice_pairs(it.prompt, it.choices)])
-            for it in chunk:  # answered from the results just cached
-                p = await choice_probs(backend, it.prompt, it.choices)
-                correct.append(int(np.argmax(p)) == it.answer)
-                conf.append(float(p.max()))
-                score.append(float(p[it.answer]))
-        else:
-            for it, g in zip(chunk, await backend.generate([it.prompt for it in chunk], params)):
-                em = exact_match(g.text, it.answers)
-                correct.append(em)
-                conf.append(sum(g.logprobs) / max(1, len(g.logprobs)))
-                score.append(float(em))
+    backend = backend if isinstance(backend, CachedBackend) else CachedBackend(backend)  # each item is scored once
+    name = (await backend.info()).name
+    if dataset.kind == "choice":
+        chunks = await choice_chunks(backend, items, batch)
+    else:
+        chunks = [items[s : s + batch] for s in range(0, len(items), batch)]
+    with bar(len(items), f"model {name}") as progress:
+        for chunk in chunks:
+            if dataset.kind == "choice":
+                await backend.loglikelihood([pair for it in chunk for pair in choice_pairs(it.prompt, it.choices)])
+                for it in chunk:  # answered from the results just cached
+                    p = await choice_probs(backend, it.prompt, it.choices)
+                    correct.append(int(np.argmax(p)) == it.answer)
+                    conf.append(float(p.max()))
+                    score.append(float(p[it.answer]))
+            else:
+                for it, g in zip(chunk, await backend.generate([it.prompt for it in chunk], params)):
+                    em = exact_match(g.text, it.answers)
+                    correct.append(em)
+                    conf.append(sum(g.logprobs) / max(1, len(g.logprobs)))
+                    score.append(float(em))
+            progress.update(len(chunk))
     return ModelRun(np.array(correct), np.array(conf), np.array(score), time.perf_counter() - start)
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation has computed so far: each model's own pass, then each pipeline's."""
+
+    dataset: Dataset
+    runs: dict[str, ModelRun] = field(default_factory=dict)  # model name -> its pass
+    scores: dict[str, PipelineScore] = field(default_factory=dict)  # pipeline name -> its score
+
+    def best_single(self) -> str | None:
+        """The model whose own pass is most accurate (the first of equals), once any has run."""
+        return max(self.runs, key=lambda m: self.runs[m].correct.mean(), default=None)
+
+    def paired(self) -> dict[str, Paired]:
+        """Each pipeline against the best single model, by McNemar's exact test on the same items."""
+        best = self.best_single()
+        if best is None:
+            return {}
+        reference = self.runs[best].correct.tolist()
+        return {n: paired_comparison(s.correct, reference) for n, s in self.scores.items()}
+
+    def records(self) -> list[dict]:
+        """Per item: its id, the gold answer, and each pipeline's answer and whether it is right."""
+        key = "choice" if self.dataset.kind == "choice" else "text"
+        return [
+            {
+                "id": item.id,
+                "gold": item.gold,
+                "pipelines": {n: {"answer": s.decisions[i][key], "correct": s.correct[i]} for n, s in self.scores.items()},
+            }
+            for i, item in enumerate(self.dataset.items)
+        ]
+
+    def as_dict(self, complete: bool) -> dict:
+        """The JSON of a run (`complete` False while passes are still to come, or after one failed)."""
+        return {
+            "dataset": self.dataset.name,
+            "kind": self.dataset.kind,
+            "items": len(self.dataset.items),
+            "complete": complete,
+            "models": {m: {"accuracy": float(r.correct.mean()), "wall_s": r.wall_s} for m, r in self.runs.items()},
+            "best_single": self.best_single(),
+            "pipelines": {n: asdict(s) for n, s in self.scores.items()},
+            "paired_vs_best_single": {n: asdict(p) for n, p in self.paired().items()},
+            "records": self.records(),
+        }
 
 
 async def evaluate(
     pipelines: dict[str, Pipeline],
     dataset: Dataset,
     params: SamplingParams = SHORT_ANSWER,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[dict[str, PipelineScore], dict[str, ModelRun]]:
+    on_update: Callable[[Evaluation], None] | None = None,
+) -> Evaluation:
     """Score every pipeline on the dataset, sharing cached model results.
 
-    Every distinct model first answers every item in batched calls (`run_model`, timed per model);
-    pipelines then run one after another on cached results where they ask the same things.
+    Every pipeline is first checked to answer the dataset's kind of item. Every distinct model then
+    answers every item in batched calls (`run_model`, timed per model); pipelines then run one after
+    another on cached results where they ask the same things. `on_update` gets the evaluation after
+    every pass, so what was computed survives a later failure.
     """
+    unable = {n: r for n, p in pipelines.items() if (r := cannot_answer(p.strategy, dataset.kind))}
+    if unable:
+        raise ConfigError("; ".join(f"pipeline {n!r}: {r}" for n, r in unable.items()))
     shared = share_cache(pipelines)
     models = {}
     for p in shared.values():
         for b in p.models.values():
             models.setdefault(id(b), b)
-    runs = {}
+    done = Evaluation(dataset)
     for b in models.values():
-        name = (await b.info()).name
-        runs[name] = await run_model(b, dataset, params)
-        if progress:
-            progress(f"model {name}", len(dataset.items), len(dataset.items))
-    scores = {name: await score_pipeline(name, p, dataset, params, progress) for name, p in shared.items()}
-    return scores, runs
+        done.runs[(await b.info()).name] = await run_model(b, dataset, params)
+        if on_update:
+            on_update(done)
+    for name, p in shared.items():
+        done.scores[name] = await score_pipeline(name, p, dataset, params)
+        if on_update:
+            on_update(done)
+    return done
