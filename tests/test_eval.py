@@ -1,6 +1,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 from conftest import run
 
@@ -285,3 +286,24 @@ def test_eval_cli_scores_raw_prompt_short_answers_of_the_multitask_splits(tmp_pa
     assert saved["kind"] == "short" and saved["items"] == 6
     assert [r["id"] for r in saved["records"][:3]] == ["add-0", "reverse-0", "sort-0"] and saved["records"][0]["gold"] == ["672"]
     assert all(isinstance(r["pipelines"]["cascade"]["answer"], str) for r in saved["records"])
+
+
+def test_model_pass_scores_long_choices_in_bounded_chunks(tiny, tmp_path, monkeypatch):
+    """Each log-likelihood call of a model pass holds at most SCORE_BUDGET_BYTES of logits (an item over it alone)."""
+    from collab_ray.eval import harness
+
+    rows = [{"id": str(i), "question": f"Question {i}?", "choices": ["a " * (3 + 5 * (i % 3)), "b " * 4], "answer": 0} for i in range(7)]
+    dataset = load_jsonl(write(tmp_path, rows))
+    whole = run(harness.run_model(tiny, dataset))
+    vocab = run(tiny.info()).vocab_size
+    monkeypatch.setattr(harness, "SCORE_BUDGET_BYTES", 4 * vocab * 20)  # 20 continuation tokens per call
+    chunks = run(harness.choice_chunks(tiny, dataset.items, batch=16))
+    assert [it for c in chunks for it in c] == dataset.items and len(chunks) > 2
+    sizes = [sum(len(run(tiny.encode(" " + ch, add_special_tokens=False))) for it in c for ch in it.choices) for c in chunks]
+    assert all(s <= 20 or len(c) == 1 for s, c in zip(sizes, chunks))
+    calls = []
+    inner = tiny.loglikelihood
+    monkeypatch.setattr(tiny, "loglikelihood", lambda requests: calls.append(len(requests)) or inner(requests))
+    bounded = run(harness.run_model(tiny, dataset))
+    assert calls == [2 * len(c) for c in chunks]  # one call per chunk; each item scored once
+    assert bounded.correct.tolist() == whole.correct.tolist() and np.allclose(bounded.score, whole.score)

@@ -8,7 +8,10 @@ greedy generations), so a model scores an item once while every pipeline is stil
 calls and tokens it makes. Each model pass and each pipeline pass shows a progress bar (tqdm, on
 stderr). A model pass asks for log-likelihoods in chunks bounded by continuation tokens times the
 model's vocabulary (`SCORE_BUDGET_BYTES`): the engine keeps a [tokens, vocabulary] row of logits
-per continuation token in flight, so long choices (PIQA-like) asked all at once held gigabytes.
+per continuation token in flight, so long choices (PIQA-like) asked all at once held gigabytes
+(8 items of two ~130-token choices, a 262k vocabulary, GPU-sized 2048-token engine steps, on CPU:
++3.5 GB peak RSS at once, +0.66 GB and 1.8x faster in bounded calls; with CPU-sized steps the engine
+bounds it already, +0.56 GB either way).
 """
 
 from __future__ import annotations
