@@ -307,3 +307,18 @@ def test_model_pass_scores_long_choices_in_bounded_chunks(tiny, tmp_path, monkey
     bounded = run(harness.run_model(tiny, dataset))
     assert calls == [2 * len(c) for c in chunks]  # one call per chunk; each item scored once
     assert bounded.correct.tolist() == whole.correct.tolist() and np.allclose(bounded.score, whole.score)
+
+
+def test_a_strategy_whose_parameters_cannot_choose_is_refused_before_models_run(tiny, tmp_path):
+    from collab_ray.eval.harness import cannot_answer
+
+    class OnlyScoresGenerations(type(Pipeline("vote", {"a": tiny}).strategy)):
+        choice_refusal = "vote with a learned scorer scores generated answers; it cannot answer multiple-choice items"
+
+    strategy = OnlyScoresGenerations()
+    assert cannot_answer(strategy, "choice") == strategy.choice_refusal and cannot_answer(strategy, "short") is None
+    assert cannot_answer(Pipeline("cascade", {"a": tiny}, {"thresholds": []}).strategy, "choice") is None
+    seen = []
+    with pytest.raises(ConfigError, match="pipeline 'v': vote with a learned scorer"):
+        run(evaluate({"v": Pipeline(strategy, {"a": tiny})}, load_jsonl(write(tmp_path, CHOICE)), on_update=seen.append))
+    assert seen == []

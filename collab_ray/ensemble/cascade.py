@@ -214,10 +214,17 @@ class Cascade(Strategy):
             raise ConfigError(f"cascade thresholds {thresholds} need one per stage but the last ({len(stages) - 1})")
         return stages, thresholds
 
+    @property
+    def choice_refusal(self) -> str | None:
+        """Why these parameters cannot answer multiple-choice items (None: they can); checked before any model runs."""
+        if self.params.signal == "learned" and not self.params.fallback:
+            return "cascade with signal 'learned' scores generated answers; it cannot answer multiple-choice items"
+        return None
+
     async def choose(self, models, context: str, choices: list[str]) -> ChoiceDecision:
         """Multiple choice: a stage's confidence is its top choice probability, whatever `signal` says."""
-        if self.params.signal == "learned" and not self.params.fallback:
-            raise ConfigError("cascade with signal 'learned' scores generated answers; it cannot answer multiple-choice items")
+        if self.choice_refusal:
+            raise ConfigError(self.choice_refusal)
         stages, thresholds = self.stages(models)
         confidences = []
         for i, name in enumerate(stages):

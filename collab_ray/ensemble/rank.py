@@ -124,11 +124,18 @@ class Rank(Strategy):
         super().__init__(params)
         self.scorer = Scorer.load(self.params.scorer_file) if self.params.scorer_file else None
 
+    @property
+    def choice_refusal(self) -> str | None:
+        """Why these parameters cannot answer multiple-choice items (None: they can); checked before any model runs."""
+        if self.scorer is not None:
+            return "rank with scorer 'learned' scores generated answers; it cannot answer multiple-choice items"
+        return None
+
     async def choose(self, models, context: str, choices: list[str]) -> ChoiceDecision:
         """Multiple choice: the generators' acc_norm picks are the candidates; the judges score them."""
         p = self.params
-        if self.scorer is not None:
-            raise ConfigError("rank with scorer 'learned' scores generated answers; it cannot answer multiple-choice items")
+        if self.choice_refusal:
+            raise ConfigError(self.choice_refusal)
         generators = pick(models, p.generators, "rank generators")
         judges = pick(models, p.judges, "rank judges")
         picks = await asyncio.gather(*(model_choice(models[g], context, choices) for g in generators))

@@ -47,10 +47,14 @@ KINDS = {"choice": "multiple-choice", "short": "short-answer"}
 
 
 def cannot_answer(strategy: Strategy, kind: str) -> str | None:
-    """Why `strategy` cannot answer items of `kind` ('choice' or 'short'), or None when it can."""
-    if kind == "choice" and strategy.name != "single" and not hasattr(strategy, "choose"):
+    """Why `strategy` cannot answer items of `kind` ('choice' or 'short'), or None when it can. A strategy
+    answers multiple choice with `choose`, unless its `choice_refusal` (parameters that only score
+    generated answers) says otherwise."""
+    if kind != "choice" or strategy.name == "single":
+        return None
+    if not hasattr(strategy, "choose"):
         return f"strategy {strategy.name!r} only generates; it cannot answer {KINDS[kind]} items"
-    return None
+    return getattr(strategy, "choice_refusal", None)
 
 
 def bar(total: int, desc: str) -> tqdm:
