@@ -322,3 +322,16 @@ def test_a_strategy_whose_parameters_cannot_choose_is_refused_before_models_run(
     with pytest.raises(ConfigError, match="pipeline 'v': vote with a learned scorer"):
         run(evaluate({"v": Pipeline(strategy, {"a": tiny})}, load_jsonl(write(tmp_path, CHOICE)), on_update=seen.append))
     assert seen == []
+
+
+def test_eval_json_takes_numpy_values_of_decision_meta(tmp_path):
+    from collab_ray.eval.harness import Evaluation, ModelRun, PipelineScore
+
+    dataset = load_jsonl(write(tmp_path, CHOICE))
+    done = Evaluation(dataset, {"m": ModelRun(np.array([True, False, True]), np.zeros(3), np.zeros(3), 0.1)})
+    decisions = [{"choice": 0, "confidence": np.float32(0.9), "probs": np.array([0.9, 0.1])}] * 3
+    done.scores["p"] = PipelineScore("p", [True, False, True], accuracy([True, False, True]), 3, 9, 0.1, decisions)
+    eval_cli.write_json(done, tmp_path / "r.json", complete=True)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["pipelines"]["p"]["decisions"][0]["probs"] == [0.9, 0.1] and saved["paired_vs_best_single"]["p"]["p_value"] == 1.0
+    assert saved["records"][2] == {"id": "3", "gold": 0, "pipelines": {"p": {"answer": 0, "correct": True}}}

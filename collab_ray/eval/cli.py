@@ -139,10 +139,17 @@ def output_paths(output: str) -> tuple[Path, Path]:
     return json_path, svg_path
 
 
+def _plain(value):
+    """numpy / torch values in strategies' decision meta, as JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")
+
+
 def write_json(done: Evaluation, path: Path, complete: bool) -> None:
     """The evaluation as JSON, replaced atomically (a crash mid-write leaves the previous file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(done.as_dict(complete), indent=2) + "\n")
+    tmp.write_text(json.dumps(done.as_dict(complete), indent=2, default=_plain) + "\n")
     tmp.replace(path)
 
 
