@@ -38,7 +38,10 @@ persistent batch cannot: sessions that fork (shared contexts of multiple-choice 
 tensors), roll back (a view shorter), and join or leave at any step. A slot pool or paged cache
 would save the gather copy (73–81 ms in the same test) but needs attention kernels that read
 scattered blocks, which plain transformers on CPU does not have; an engine on vLLM or SGLang gets
-that (see ENGINES.md beside this file).
+that (see ENGINES.md beside this file). In steady decoding (the same rows step after step, each
+grown by one token) the batched cache the last forward left is already that layout and is reused
+as is (`RaggedForward._gather`): 16 requests × 64 tokens went from 13–17 to 17–18 tok/s through the
+engine (interleaved, load 11); the copy is paid only when rows join, leave or roll back.
 """
 
 from __future__ import annotations
