@@ -65,10 +65,12 @@ def test_packaged_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch)
     from collab_ray.config import load_config
 
     monkeypatch.chdir(tmp_path)
-    assert configs.names() == ["demo", "tiny"]
+    assert configs.names() == ["demo", "specialists", "tiny"]
     assert "speculative" in load_config("tiny").pipelines
     demo = load_config("demo")
     assert Path(demo.pipelines["route"].params["router"]).is_file()  # the router travels with the config
+    specialists = load_config("specialists").pipelines  # and so do the specialists' router and scorer
+    assert Path(specialists["route"].params["router"]).is_file() and Path(specialists["rank"].params["scorer_file"]).is_file()
     with pytest.raises(ValueError, match="'nope'"):
         configs.packaged_config("nope")
     with pytest.raises(ValueError, match="tiny.yml"):
@@ -76,7 +78,7 @@ def test_packaged_configs_are_found_by_name_from_anywhere(tmp_path, monkeypatch)
 
 
 def test_deploy_configs_are_links_to_the_packaged_ones():
-    for name in ("demo.yaml", "tiny.yaml", "routers"):
+    for name in ("demo.yaml", "tiny.yaml", "specialists.yaml", "routers", "scorers"):
         link = ROOT / "deploy" / name
         assert link.is_symlink() and link.resolve() == (ROOT / "collab_ray" / "configs" / name).resolve()
 

@@ -1,10 +1,11 @@
 """Collaboration configs that ship inside the package, so the CLI finds them wherever it is installed.
 
-`demo.yaml` (the real packaged models, every strategy: `collab-ray demo`) and `tiny.yaml` (tiny
-llama checkpoints: tests and smoke runs, `collab-ray serve tiny`) live here, with the router file
-`demo.yaml` names (`routers/demo.npz`). Every command that takes a config accepts either a path or
-one of these names; the repository's `deploy/demo.yaml` and `deploy/tiny.yaml` are links to these
-files (one copy of each).
+`demo.yaml` (the real packaged models, every strategy: `collab-ray demo`), `tiny.yaml` (tiny
+llama checkpoints: tests and smoke runs, `collab-ray serve tiny`) and `specialists.yaml` (the
+multitask-hard base and fine-tunes, kept apart: route, rank, cascade, fuse, vote) live here, with
+the fitted files they name (`routers/demo.npz`, `routers/specialists.npz`, `scorers/specialists.npz`).
+Every command that takes a config accepts either a path or one of these names; the repository's
+`deploy/*.yaml`, `deploy/routers` and `deploy/scorers` are links to these files (one copy of each).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def names() -> list[str]:
-    """The packaged config names (`demo`, `tiny`)."""
+    """The packaged config names (`demo`, `specialists`, `tiny`)."""
     return sorted(p.stem for p in HERE.glob("*.yaml"))
 
 
