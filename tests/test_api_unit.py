@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 
-import pytest
 
 from collab_ray.config import parse_config
 from collab_ray.core.errors import ModelAtCapacity

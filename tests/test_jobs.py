@@ -49,7 +49,7 @@ def test_bad_input_lines_stop_the_job_naming_the_line(tmp_path, line, message):
     path = write_rows(tmp_path / "in.jsonl", [{"id": 0, "prompt": "a"}, "", line])
     with pytest.raises(InputError, match=message) as err:
         read_input(path)
-    assert f"in.jsonl:3:" in str(err.value)
+    assert "in.jsonl:3:" in str(err.value)
 
 
 @pytest.mark.parametrize(

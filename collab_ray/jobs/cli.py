@@ -6,7 +6,6 @@ many), 2 on a bad config, input or argument.
 
 from __future__ import annotations
 
-import argparse
 
 
 def run(args) -> int:

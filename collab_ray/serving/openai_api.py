@@ -646,7 +646,7 @@ class _API:
             else:
                 texts.append(await self.token_prompt(name, p))
         requests = [Request(prompt=t, params=params) for t in texts]
-        counts = await asyncio.gather(*(self.check_prompt(name, r) for r in requests))
+        await asyncio.gather(*(self.check_prompt(name, r) for r in requests))
         if body.stream:
             if len(requests) > 1:
                 raise bad("prompt", "stream with a list of prompts is not supported; send one prompt", "unsupported_parameter")
