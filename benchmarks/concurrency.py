@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 
 import numpy as np
 
-from common import markdown_table, write_results
+from common import RESULTS, markdown_table, write_results
 
 from collab_ray.core import SamplingParams
 from collab_ray.core.pipeline import Pipeline
@@ -348,14 +349,24 @@ def main() -> None:
     ap.add_argument("--name", default="concurrency", help="results file name")
     args = ap.parse_args()
     parts = {"engine": part_engine, "serve": part_serve, "http": part_http}
-    tables, data = [], {"load_before": load(), "quick": args.quick}
-    for part in args.parts.split(","):
-        (header, rows), data[part] = parts[part](args)
-        table = markdown_table(header, rows)
-        print(table, flush=True)
-        tables.append(table)
+    chosen = args.parts.split(",")
+    unknown = sorted(set(chosen) - set(parts))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; choose from {sorted(parts)}")
+    previous = RESULTS / f"{args.name}.json"  # parts not measured now are kept from the last run
+    kept = json.loads(previous.read_text()) if previous.is_file() else {}
+    data = {"load_before": load(), "quick": args.quick}
+    for part in parts:
+        if part in chosen:
+            (header, rows), data[part] = parts[part](args)
+            data[part]["table"] = markdown_table(header, rows)
+            data[part]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            print(data[part]["table"], flush=True)
+        elif part in kept and "table" in kept[part]:
+            data[part] = kept[part]
+    tables = [f"{data[p]['table']}\n\n({p} rows measured {data[p].get('measured', 'earlier')})" for p in parts if p in data]
     data["load_after"] = load()
-    notes = f"1/5-minute load average before: {data['load_before']}, after: {data['load_after']}."
+    notes = f"1/5-minute load average before: {data['load_before']}, after: {data['load_after']} (of this run: {', '.join(chosen)})."
     path = write_results(args.name, "Collaboration under concurrent load", "\n\n".join(tables), data, notes)
     print(f"wrote {path}")
 

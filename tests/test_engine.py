@@ -122,6 +122,28 @@ def test_short_request_overtakes_a_long_one():
         backend.shutdown()
 
 
+def test_the_generate_calls_of_one_request_are_one_fairness_group(tiny):
+    """128 single-row calls of one request (prompts × n) take one slot-share of a step beside an
+    8-token request, which then gets a row in every step (as separate groups it would wait for
+    all 128 to be served between its tokens: 4 steps per token at 32 rows a step)."""
+    big = SamplingParams(temperature=0.7, max_tokens=48, ignore_eos=True)
+
+    async def scenario():
+        calls = [([p], big.model_copy(update={"seed": i})) for i, p in enumerate(PROMPTS * 16)]
+        request = asyncio.ensure_future(tiny.generate_batch(calls))
+        while tiny.stats(fresh=True)["running"] < len(calls):
+            await asyncio.sleep(0.01)
+        before = tiny.stats(fresh=True)["steps"]
+        await tiny.generate(["The river"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        steps = tiny.stats(fresh=True)["steps"] - before
+        results = await request
+        return steps, results
+
+    steps, results = run(scenario())
+    assert all(len(r) == 1 and r[0].usage.completion_tokens == 48 for r in results)
+    assert steps <= 12, steps
+
+
 def test_kv_budget_gives_a_clear_capacity_error_and_keeps_serving():
     backend = TransformersBackend("tiny:llama-bpe", kv_budget_tokens=256, queue_timeout_s=0.05, name="small-kv")
     try:

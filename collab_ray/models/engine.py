@@ -127,9 +127,12 @@ class Engine:
         self._thread.start()
 
     # ---- public API: each returns a concurrent Future -----------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams, eos: set[int], budgets: list[int]) -> Future:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, eos: set[int], budgets: list[int], group: Group | None = None
+    ) -> Future:
+        """Generation rows; they share `group` for fairness when given (the calls of one request)."""
         future: Future = Future()
-        call = Call(future, len(prompts))
+        call = Call(future, len(prompts), group=group)
         seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
         rows = [GenRow(call, i, p, params, eos, b, s, self.tokenizer) for i, (p, b, s) in enumerate(zip(prompts, budgets, seeds))]
         need = sum(r.kv_reserved for r in rows)

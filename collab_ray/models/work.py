@@ -202,7 +202,8 @@ class RaggedForward:
 
 # ---- work ----------------------------------------------------------------------------------------
 class Group:
-    """The unit of fairness: one caller's call (a generate or log-likelihood call, or one session)."""
+    """The unit of fairness: one caller's call (a generate or log-likelihood call, or one session),
+    or the generate calls of one request together (`TransformersBackend.generate_batch`)."""
 
     _ids = itertools.count()
 
@@ -214,12 +215,12 @@ class Group:
 class Call:
     """The future of one submitted call whose result gathers the results of several tasks."""
 
-    def __init__(self, future: Future, n: int, finish: Callable[[list], Any] = list):
+    def __init__(self, future: Future, n: int, finish: Callable[[list], Any] = list, group: Group | None = None):
         self.future = future
         self.results: list = [None] * n
         self.left = n
         self.finish = finish
-        self.group = Group()
+        self.group = group or Group()
 
     @property
     def cancelled(self) -> bool:

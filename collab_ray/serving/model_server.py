@@ -42,9 +42,9 @@ class ModelServer:
 
     async def generate_batch(self, calls: list[tuple[Sequence, SamplingParams]]) -> list:
         """Several `generate` calls of one request (prompts × n choices, coalesced by the
-        coordinator) in one round trip; each call's result or its exception, in order. The engine
-        schedules them as it would separate calls."""
-        return await asyncio.gather(*(self.generate(p, sp) for p, sp in calls), return_exceptions=True)
+        coordinator) in one round trip, one fairness group in the engine; each call's result or its
+        exception, in order."""
+        return await self.backend.generate_batch([(list(p), sp) for p, sp in calls])
 
     async def loglikelihood(self, requests: Sequence):
         return await self.backend.loglikelihood(list(requests))
