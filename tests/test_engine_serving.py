@@ -93,9 +93,17 @@ def tight_app(serve_app):
 def test_full_kv_budget_is_a_clear_503_and_the_server_keeps_serving(tight_app):
     long = {"model": "tight", "prompt": "The river", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
 
+    metrics = tight_app.rsplit("/v1", 1)[0] + "/metrics"
+
+    def kv_in_use() -> float:  # the engine gauge, published by its loop every step
+        lines = requests.get(metrics, timeout=30).text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith('collab_kv_tokens{model="tight"}'))
+
     with ThreadPoolExecutor(2) as pool:
         holder = pool.submit(requests.post, f"{tight_app}/completions", json=long, timeout=120)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while kv_in_use() == 0 and not holder.done() and time.monotonic() < deadline:
+            pass  # polled without a pause: the first request holds the budget for well under a second
         second = requests.post(f"{tight_app}/completions", json=long, timeout=120)
         first = holder.result()
     assert first.status_code == 200, first.text
