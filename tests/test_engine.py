@@ -179,8 +179,10 @@ def test_expired_leases_are_swept_with_no_call_arriving():
     backend = TransformersBackend("tiny:llama-bpe", session_ttl_s=0.4)
     try:
         ids = run(backend.encode("The river"))
-        for _ in range(3):
-            run(backend.open_session(ids))
+        async def open_three():  # together: opened one by one on a loaded machine, the first expired before the third
+            return await asyncio.gather(*(backend.open_session(ids) for _ in range(3)))
+
+        run(open_three())
         assert backend.stats(fresh=True)["sessions_open"] == 3
         time.sleep(1.0)
         stats = backend.stats()  # the snapshot the loop published on its own
