@@ -10,7 +10,7 @@ to `WORK/SET/MODEL.jsonl` (WORK: `--work`, default `$COLLAB_RAY_CACHE/ensemble-b
 repository); an interrupted run resumes where it stopped. `report` answers every item with each
 single model, the oracle, the existing ensembles (fuse, vote, rank, cascade, route: their own
 `choose` over the cached scores) and the fitted ones (fuse with fitted temperatures and weights,
-the learned combiner), all fitted by cross-validation on the development half of each set and
+the learned combiner, a router reading SmolLM2's own confidence beside the prompt), all fitted by cross-validation on the development half of each set and
 scored on the other half (and the halves swapped: every item is scored by a fit that never saw
 it). It writes benchmarks/results/ensemble.md/.json and one cost–accuracy SVG per set.
 
@@ -209,7 +209,7 @@ async def bench_set(name: str, ds: Dataset, records: list, backends: dict, out: 
     scores["rank"] = await score_pipeline("rank (judges: both, mean log-prob)", Pipeline("rank", both), ds)
 
     half_a, half_b = cb.split_dev_test(n, 0.5, seed=0)
-    parts: dict[str, list] = {"fuse-fit": [], "cascade": [], "route": [], "combine": [], "combine-fallback": []}
+    parts: dict[str, list] = {"fuse-fit": [], "cascade": [], "route": [], "route-confidence": [], "combine": [], "combine-fallback": []}
     fitted = []
     for k, (dev, test) in enumerate(((half_a, half_b), (half_b, half_a))):
         dev_records = [records[i] for i in dev]
@@ -223,10 +223,11 @@ async def bench_set(name: str, ds: Dataset, records: list, backends: dict, out: 
         cascade = Pipeline("cascade", both, {"thresholds": point.thresholds})
         parts["cascade"].append((test, await score_pipeline("cascade", cascade, test_set)))
         dev_set = Dataset(ds.name, [ds.items[i] for i in dev])
-        router = await train_router(both, dev_set, features="chars", target="correct", target_share=None)
-        router.save(out / f"{name}-router-{k}.npz")
-        route = Pipeline("route", both, {"router": str(out / f"{name}-router-{k}.npz")})
-        parts["route"].append((test, await score_pipeline("route", route, test_set)))
+        for key, features, tolerance in (("route", "chars", None), ("route-confidence", "chars+confidence", 0.01)):  # the latter: smollm2 first
+            router = await train_router(both, dev_set, features=features, target="correct", target_share=None, tolerance=tolerance)
+            router.save(out / f"{name}-{key}-{k}.npz")
+            route = Pipeline("route", both, {"router": str(out / f"{name}-{key}-{k}.npz")})
+            parts[key].append((test, await score_pipeline(key, route, test_set)))
         combiner = cb.fit_combiner(dev_records, [SMALL, LARGE], cb.FitConfig(fallback=True))
         path = out / f"{name}-combiner-{k}.npz"
         combiner.save(path)
@@ -240,6 +241,8 @@ async def bench_set(name: str, ds: Dataset, records: list, backends: dict, out: 
     scores["cascade"] = merged("cascade (threshold fitted: gemma's dev accuracy)", parts["cascade"], n)
     share = np.mean([d.get("routed_to") == LARGE for d in merged("", parts["route"], n).decisions])
     scores["route"] = merged(f"route (which model is right: chars features; {100 * share:.0f}% to {LARGE})", parts["route"], n)
+    share = np.mean([d.get("routed_to") == LARGE for d in merged("", parts["route-confidence"], n).decisions])
+    scores["route-confidence"] = merged(f"route (chars + {SMALL}'s confidence; {100 * share:.0f}% escalated to {LARGE})", parts["route-confidence"], n)
     scores["combine"] = merged("combine (learned combiner)", parts["combine"], n)
     fb = "/".join(str(f["combiner_fallback"] or "none") for f in fitted)
     scores["combine-fallback"] = merged(f"combine, fallback when not significant (fell back to: {fb})", parts["combine-fallback"], n)
@@ -381,7 +384,11 @@ fuse = average of the choice distributions; vote = each model's pick, ties to th
 rank = the models' picks scored by mean token log-prob under both; cascade = SmolLM2 first, Gemma when
 SmolLM2's top choice probability is under the threshold (fitted: the cheapest reaching Gemma's accuracy);
 route = per-model logistic regressions on hashed character n-grams of the question predicting which model
-is right, the likelier one answers (`route train --target correct --features chars`); fuse (fitted) = per-model temperature (its own
+is right, the likelier one answers (`route train --target correct --features chars`); route (chars + smollm2's confidence) = the
+same with SmolLM2's top choice probability, margin and choice entropy appended (`--features chars+confidence --tolerance 0.01`):
+SmolLM2 scores the choices first and Gemma is asked only when its predicted gain passes the threshold with the fewest escalations
+whose out-of-fold accuracy on the development half is within 1 point of the best (1 + the share escalated calls per item);
+fuse (fitted) = per-model temperature (its own
 likelihood of the gold choices) and mixture weights (EM); combine = logistic regression over per-choice
 features of both models (log-likelihood raw / per token / per byte, choice probability, rank, margin,
 entropy, agreement), C chosen by 5-fold CV; combine with fallback = the best single model of the

@@ -53,9 +53,9 @@ def backends(config, recipe: str) -> dict:
 
 def fit(models: dict, dev: Dataset, artefacts: Path) -> dict:
     """Router and scorer fitted on the validation items, written under `artefacts` (their CV figures in their meta)."""
-    from collab_ray.ensemble.cascade import learned_thresholds, simulate
+    from collab_ray.ensemble.cascade import fit_learned_cascade, simulate
     from collab_ray.ensemble.route import featurize, fit_correct_router
-    from collab_ray.ensemble.scorer import collect, fit_scorer
+    from collab_ray.ensemble.scorer import collect
     from collab_ray.eval.harness import SHORT_ANSWER
 
     start = time.perf_counter()
@@ -64,23 +64,14 @@ def fit(models: dict, dev: Dataset, artefacts: Path) -> dict:
     )
     router = fit_correct_router(featurize([it.prompt for it in dev.items], "chars"), records.correct, records.models, "chars")
     router.meta["dataset"] = dev.name
-    scorer, stage_p = fit_scorer(records)
-    point = learned_thresholds(stage_p, records.correct)
+    scorer, stage_p = fit_learned_cascade(records)
     cascade_curve = [  # out-of-fold on the validation items: one threshold for every stage
         {"threshold": round(float(t), 2), "accuracy": q.accuracy, "calls": q.calls}
         for t in np.linspace(0.05, 0.95, 19)
         for q in [simulate(stage_p, records.correct, [t] * (len(records.models) - 1))]
     ]
-    scorer.meta.update(
-        dataset=dev.name,
-        cascade={
-            "stages": records.models,
-            "thresholds": point.thresholds,
-            "cv_accuracy": point.accuracy,
-            "cv_calls": point.calls,
-            "cv_curve": cascade_curve,
-        },
-    )
+    scorer.meta["dataset"] = dev.name
+    scorer.meta["cascade"]["cv_curve"] = cascade_curve
     for key, obj in (("router", router), ("scorer_file", scorer)):
         path = artefacts / FILES[key]
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -230,12 +230,27 @@ def load_config(path: str | Path) -> CollabConfig:
     `json_schema_extra={"file": True}`) may be named relative to the YAML."""
     path = configs.resolve(path)
     config = parse_config(read_yaml(path, "config"), str(path))
-    where = path.resolve().parent  # beside the real file when `path` is a link (deploy/demo.yaml)
     for pipe in config.pipelines.values():  # files named relative to the YAML (as configs/demo.yaml does)
-        fields = get_strategy(pipe.strategy).Params.model_fields
-        for key, value in (pipe.params or {}).items():
-            extra = fields[key].json_schema_extra if key in fields else None
-            if isinstance(extra, dict) and extra.get("file") and isinstance(value, str):
-                if not Path(value).is_absolute() and (where / value).is_file():
-                    pipe.params[key] = str((where / value).resolve())
+        for key in file_params(pipe):
+            beside = beside_config(path, pipe.params[key])
+            if beside.is_file():
+                pipe.params[key] = str(beside)
     return config
+
+
+def file_params(pipe: PipelineConfig) -> list[str]:
+    """The keys of a pipeline's params that name files (fields marked `json_schema_extra={"file": True}`)."""
+    fields = get_strategy(pipe.strategy).Params.model_fields
+    return [
+        key for key, value in (pipe.params or {}).items()
+        if key in fields and isinstance(fields[key].json_schema_extra, dict) and fields[key].json_schema_extra.get("file") and isinstance(value, str)
+    ]  # fmt: skip
+
+
+def beside_config(config: str | Path, value: str) -> Path:
+    """Where a file named `value` in the params of the config at `config` (a path or packaged name) lives:
+    `value` itself when absolute, else relative to the YAML (beside the real file when `config` is a link,
+    as deploy/demo.yaml is)."""
+    if Path(value).is_absolute():
+        return Path(value)
+    return (configs.resolve(config).resolve().parent / value).resolve()

@@ -20,7 +20,7 @@ from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, re
 from collab_ray.core.types import Generation
 from collab_ray.ensemble.common import pick, respond, sample_models
 from collab_ray.ensemble.rank import judge_scores
-from collab_ray.ensemble.scorer import Scorer
+from collab_ray.ensemble.scorer import Records, Scorer, fit_scorer
 from collab_ray.ensemble.vote import EXTRACTORS, majority_vote
 from collab_ray.eval.choice import ChoiceDecision, model_choice
 from collab_ray.eval.datasets import Dataset
@@ -108,6 +108,16 @@ def learned_thresholds(conf: np.ndarray, correct: np.ndarray, tolerance: float =
     points = [simulate(conf, correct, [t] * (conf.shape[1] - 1)) for t in np.linspace(0.05, 0.95, 19)]
     best = max(p.accuracy for p in points)
     return min((p for p in points if p.accuracy >= best - tolerance), key=lambda p: (p.calls, -p.accuracy))
+
+
+def fit_learned_cascade(records: Records, features: str | None = "chars") -> tuple[Scorer, np.ndarray]:
+    """`fit_scorer`, with the stop threshold of signal 'learned' chosen on its out-of-fold stage probabilities
+    (`learned_thresholds`) and stored in `meta["cascade"]` (stages: the records' models, cheapest first).
+    Returns the scorer and those probabilities [N, M]."""
+    scorer, stage_p = fit_scorer(records, features)
+    point = learned_thresholds(stage_p, records.correct)
+    scorer.meta["cascade"] = {"stages": records.models, "thresholds": point.thresholds, "cv_accuracy": point.accuracy, "cv_calls": point.calls}
+    return scorer, stage_p
 
 
 async def calibrate_cascade(

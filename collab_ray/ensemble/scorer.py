@@ -141,6 +141,11 @@ class Records:
     def answers(self, i: int) -> list[str | None]:
         return [extract_text(t) for t in self.texts[i]]
 
+    def take(self, index: Sequence[int]) -> Records:
+        """The records of items `index` only (a development or test part)."""
+        return Records(self.models, [self.prompts[i] for i in index], [self.texts[i] for i in index],
+                       [self.logprobs[i] for i in index], self.correct[np.asarray(index, dtype=int)])  # fmt: skip
+
 
 def every_subset(m: int, c: int) -> list[list[int]]:
     """All subsets of the models other than c (2^(m−1)): the candidates a scorer may have seen beside c."""
