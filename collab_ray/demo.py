@@ -37,8 +37,7 @@ QUESTIONS = [
     "What is the capital of France?",
     "Why is the sky blue? Answer in one sentence.",
 ]
-# base models continue a "Question: …\nAnswer:" page with the next question; chat models stop by themselves
-STOP = ["\nUser:", "\nQuestion:"]
+SEED = 0  # the pipelines that sample (vote, detect) give the same answers on every run
 CONCURRENCY = 4  # pipelines in flight at once
 
 
@@ -171,7 +170,7 @@ def ask(client, name: str, strategy: str, max_tokens: int) -> PipelineResult:
         for q in QUESTIONS:
             t = time.perf_counter()
             r = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0, stop=STOP
+                model=name, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0, seed=SEED
             )
             text = (r.choices[0].message.content or "").strip()
             result.answers.append(Answer(q, text, r.usage.completion_tokens, time.perf_counter() - t, r.choices[0].finish_reason))
@@ -256,7 +255,7 @@ def main(
             report_ready(console, seen, t_serve)  # the ones that became ready since the last poll
             t_ready = time.perf_counter()
             console.say(f"ready in {t_ready - t_models:.0f} s at {url}; asking {len(names)} pipelines {len(QUESTIONS)} questions "
-                        f"each ({CONCURRENCY} at a time, greedy, max_tokens {max_tokens})")  # fmt: skip
+                        f"each ({CONCURRENCY} at a time, greedy, seed {SEED}, max_tokens {max_tokens})")  # fmt: skip
             results = ask_all(openai.OpenAI(base_url=url, api_key="demo", max_retries=0, timeout=600), config, names, max_tokens, console)
             t_done = time.perf_counter()
         finally:

@@ -83,3 +83,32 @@ def test_max_tokens_bounds_every_strategys_answer():
             output = roles.get(result.meta.get("output_model"), next(iter(roles.values())))
             answer_tokens = run(backends[output].encode(result.text, add_special_tokens=False))
             assert len(answer_tokens) <= max_tokens + 4, (name, result.text)  # restored spans may re-tokenize a little longer
+
+
+class Base:
+    """A base model (no chat template) that records the sampling params it is asked with."""
+
+    def __init__(self, inner):
+        self.inner, self.params = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def info(self):
+        return dataclasses.replace(await self.inner.info(), has_chat_template=False)
+
+    async def generate(self, prompts, params):
+        self.params.append(params)
+        return await self.inner.generate(prompts, params)
+
+
+def test_a_chat_to_a_base_model_stops_where_it_would_start_the_next_turn():
+    base = Base(local_backend("tiny:llama-bpe"))
+    ask("single", {"m": base})
+    assert {"\nQuestion:", "\nUser:"} <= set(base.params[-1].stop)
+    chat = Base(local_backend("tiny:llama-bpe"))
+    chat.info = local_backend("tiny:llama-bpe").info  # a chat template: its end-of-turn token ends the answer
+    ask("single", {"m": chat})
+    assert chat.params[-1].stop == ()
+    run(Pipeline("single", {"m": base}).run(Request(prompt="Question: 1+1?\nAnswer:", params=SamplingParams(max_tokens=4))))
+    assert base.params[-1].stop == ()  # a raw completion prompt is the user's own format

@@ -6,7 +6,7 @@ import time
 
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.metering import MeteredBackend
-from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, get_strategy
+from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, get_strategy, with_turn_stops
 
 
 class Pipeline:
@@ -18,7 +18,10 @@ class Pipeline:
         self.models = models
 
     async def run(self, request: Request, emit: Emit | None = None) -> StrategyResult:
-        """Run the strategy; `meta["models"]` gets per-model calls, tokens and latency of this request."""
+        """Run the strategy; `meta["models"]` gets per-model calls, tokens and latency of this request.
+
+        A chat request to a pipeline with a base model stops where that model would start the next turn."""
+        request = await with_turn_stops(self.models, request)
         metered = {role: MeteredBackend(b) for role, b in self.models.items()}
         start = time.perf_counter()
         result = await self.strategy.run(metered, request, emit)
