@@ -121,6 +121,9 @@ class PipelineConfig(BaseModel):
     strategy: str = Field(description="Registered strategy name (single, speculative, fuse, vote, …).")
     models: list[str] | dict[str, str] = Field(description="Model names, or {role: model name}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The strategy's own parameters.")
+    description: str | None = Field(
+        None, max_length=500, description="What the pipeline does, in a line for people (the demo prints it under the name)."
+    )
 
 
 class ServerConfig(_Scaled):
@@ -196,7 +199,8 @@ class CollabConfig(BaseModel):
 
     def all_pipelines(self) -> dict[str, PipelineConfig]:
         """The configured pipelines plus a `single` pipeline per model."""
-        singles = {name: PipelineConfig(strategy="single", models=[name]) for name in self.models}
+        singles = {name: PipelineConfig(strategy="single", models=[name], description=f"{m.source} alone")
+                   for name, m in self.models.items()}  # fmt: skip
         return {**singles, **self.pipelines}
 
     def roles(self, pipeline: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from collab_ray.config import CollabConfig, load_config
+from collab_ray.config import CollabConfig, PipelineConfig, load_config
 from collab_ray.core.errors import ConfigError
 
 QUESTIONS = [
@@ -58,6 +58,7 @@ class PipelineResult:
     models: dict[str, dict] = field(default_factory=dict)  # model -> summed calls / tokens over the questions
     seconds: float = 0.0
     error: str | None = None
+    description: str | None = None  # the pipeline's own, from the config
 
 
 class Console:
@@ -162,9 +163,9 @@ def watch_deployments(console: Console, seen: set[str], stop: threading.Event, s
         report_ready(console, seen, start)
 
 
-def ask(client, name: str, strategy: str, max_tokens: int) -> PipelineResult:
+def ask(client, name: str, pipeline: PipelineConfig, max_tokens: int) -> PipelineResult:
     """Both questions to one pipeline; per-model calls and tokens summed over them."""
-    result = PipelineResult(name, strategy)
+    result = PipelineResult(name, pipeline.strategy, description=pipeline.description)
     start = time.perf_counter()
     try:
         for q in QUESTIONS:
@@ -187,6 +188,7 @@ def ask(client, name: str, strategy: str, max_tokens: int) -> PipelineResult:
 def format_result(r: PipelineResult, index: int, total: int, width: int = 100) -> str:
     """One pipeline's block: a header, each question and its full answer wrapped, the models' calls."""
     lines = [f"[{index}/{total}] {r.name} ({r.strategy}), {r.seconds:.1f} s"]
+    lines += ["  " + line for line in textwrap.wrap(r.description or "", width=max(40, width - 2))]
     for a in r.answers:
         lines.append(f"  Q: {a.question}")
         body = a.text or "(empty)"
@@ -274,7 +276,7 @@ def ask_all(client, config: CollabConfig, names: list[str], max_tokens: int, con
     """Every pipeline in `names`, CONCURRENCY at a time; each one's block printed as soon as it finishes."""
     results: list[PipelineResult] = []
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        futures = [pool.submit(ask, client, n, config.all_pipelines()[n].strategy, max_tokens) for n in names]
+        futures = [pool.submit(ask, client, n, config.all_pipelines()[n], max_tokens) for n in names]
         for i, fut in enumerate(as_completed(futures), 1):
             results.append(fut.result())
             console.say()

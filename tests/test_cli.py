@@ -100,6 +100,9 @@ def test_demo_result_shows_full_answers_wrapped_with_the_models_calls():
     assert all(len(line) <= 60 for line in lines) and "…" not in block
     assert " ".join(line.strip().removeprefix("A: ") for line in lines[2:-2]) == long.strip()  # every word, in order
     assert "(32 tokens, 2.5 s, cut at max_tokens)" in block and "models: smollm2 2 calls/96 tokens out" in block
+    r.description = "Three samples from each model; the one that agrees most with the others wins."
+    described = format_result(r, 2, 17, width=60).splitlines()
+    assert described[1:3] == ["  Three samples from each model; the one that agrees most", "  with the others wins."]
 
 
 def test_demo_says_when_ray_does_not_start_and_points_at_the_log(tmp_path, monkeypatch):
