@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.strategy import Strategy, register
+from collab_ray.ensemble.common import fit_logistic
 from collab_ray.ensemble.fuse import fit_temperature, fit_weights
-from collab_ray.ensemble.scorer import _logistic
 from collab_ray.eval.choice import ChoiceDecision, choice_pairs
 from collab_ray.eval.metrics import paired_comparison
 
@@ -231,10 +231,10 @@ def folds_of(n: int, k: int, seed: int) -> np.ndarray:
 
 
 def _fit_logreg(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """Standardize x, fit an L2 logistic regression (`scorer._logistic`, scikit-learn) -> (coef, intercept, mean, scale)."""
+    """Standardize x, fit an L2 logistic regression (`common.fit_logistic`) -> (coef, intercept, mean, scale)."""
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-12, scale, 1.0)
-    coef, b = _logistic((x - mean) / scale, y, np.ones(len(y)), c)
+    coef, b = fit_logistic((x - mean) / scale, y, c)
     return np.asarray(coef, dtype=np.float64), float(b), mean, scale
 
 

@@ -1,9 +1,11 @@
-"""Helpers shared by the after-inference strategies: pick models, sample them all, respond."""
+"""Helpers shared by the ensemble strategies: pick models, sample them all, respond, fit a logistic regression."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+
+import numpy as np
 
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.decoding import answer
@@ -57,3 +59,15 @@ async def respond(g: Generation, model: str, collab: dict, emit: Emit | None) ->
     response's `models` metadata.
     """
     return await answer(g, emit, {"output_model": model, "collab": collab})
+
+
+def fit_logistic(x, y: np.ndarray, c: float, w: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """x [N, F] (dense or sparse), y [N] bool, sample weights w [N] -> (coef [F], bias): an L2 logistic
+    regression (scikit-learn, lbfgs, C = c); a constant y gives zero weights and its clipped log-odds."""
+    from sklearn.linear_model import LogisticRegression
+
+    if y.all() or not y.any():
+        rate = np.clip(y.mean(), 1e-3, 1 - 1e-3)
+        return np.zeros(x.shape[1]), float(np.log(rate / (1 - rate)))
+    clf = LogisticRegression(C=c, max_iter=2000).fit(x, y, sample_weight=w)
+    return clf.coef_[0], float(clf.intercept_[0])

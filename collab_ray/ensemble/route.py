@@ -52,7 +52,7 @@ from collab_ray.core.decoding import user_text
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.sampling import SamplingParams
 from collab_ray.core.strategy import Emit, Request, Strategy, StrategyResult, register
-from collab_ray.ensemble.common import repeats_question, respond, sample_models
+from collab_ray.ensemble.common import fit_logistic, repeats_question, respond, sample_models
 from collab_ray.eval.choice import ChoiceDecision, choice_probs, model_choice
 from collab_ray.eval.datasets import Dataset
 from collab_ray.eval.harness import SHORT_ANSWER, CachedBackend, run_model
@@ -202,18 +202,11 @@ def _logistic_columns(x: np.ndarray, correct: np.ndarray, c: float) -> tuple[np.
     """x [N, F], correct [N, M] -> (W [F, M], b [M]): per model, L2 logistic regression of 'this model is
     right' (scikit-learn, lbfgs); a model always right (or always wrong) gets its clipped log-odds."""
     from scipy import sparse
-    from sklearn.linear_model import LogisticRegression
 
     w, b = np.zeros((x.shape[1], correct.shape[1])), np.zeros(correct.shape[1])
     x = sparse.csr_matrix(x)  # hashed n-grams are mostly zeros: lbfgs on CSR is ~10x faster than on the dense array
     for m in range(correct.shape[1]):
-        y = correct[:, m].astype(bool)
-        if y.all() or not y.any():
-            rate = np.clip(y.mean(), 1e-3, 1 - 1e-3)
-            b[m] = np.log(rate / (1 - rate))
-        else:
-            clf = LogisticRegression(C=c, max_iter=2000).fit(x, y)
-            w[:, m], b[m] = clf.coef_[0], clf.intercept_[0]
+        w[:, m], b[m] = fit_logistic(x, correct[:, m].astype(bool), c)
     return w, b
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from collab_ray.core.backend import ModelBackend
 from collab_ray.core.errors import ConfigError
 from collab_ray.core.sampling import SamplingParams
+from collab_ray.ensemble.common import fit_logistic
 from collab_ray.ensemble.route import featurize
 from collab_ray.ensemble.vote import extract_text
 from collab_ray.eval.metrics import paired_comparison
@@ -181,17 +182,6 @@ def design(records: Records, features: str | None):
     return x, np.array(ys), items, np.array(ws)
 
 
-def _logistic(x, y: np.ndarray, w: np.ndarray, c: float) -> tuple[np.ndarray, float]:
-    """Weighted L2 logistic regression (scikit-learn, lbfgs) -> (weights [F], bias); a constant y gives its log-odds."""
-    from sklearn.linear_model import LogisticRegression
-
-    if y.all() or not y.any():
-        rate = np.clip(y.mean(), 1e-3, 1 - 1e-3)
-        return np.zeros(x.shape[1]), float(np.log(rate / (1 - rate)))
-    clf = LogisticRegression(C=c, max_iter=2000).fit(x, y, sample_weight=w)
-    return clf.coef_[0], float(clf.intercept_[0])
-
-
 def item_features(records: Records, i: int, context: str, features: str | None) -> np.ndarray:
     """[M, F] features of item i's candidates as `rank` scores them (context 'rank': each against all the
     others) or as `cascade` does ('cascade': stage k against stages < k)."""
@@ -211,7 +201,7 @@ def out_of_fold(records: Records, features: str | None, c: float = 1.0, folds: i
     rank_p, stage_p = np.zeros((n, len(records.models))), np.zeros((n, len(records.models)))
     for train, test in KFold(folds, shuffle=True, random_state=seed).split(np.arange(n)):
         rows = np.isin(item, train)
-        coef, bias = _logistic(x[rows], y[rows], w[rows], c)
+        coef, bias = fit_logistic(x[rows], y[rows], c, w[rows])
         for i in test:
             rank_p[i] = sigmoid(item_features(records, i, "rank", features) @ coef + bias)
             stage_p[i] = sigmoid(item_features(records, i, "cascade", features) @ coef + bias)
@@ -231,7 +221,7 @@ def fit_scorer(
     if len(records.texts) < folds:
         raise ValueError(f"fitting a scorer needs at least {folds} items, got {len(records.texts)}")
     x, y, _, w = design(records, features)
-    coef, bias = _logistic(x, y, w, c)
+    coef, bias = fit_logistic(x, y, c, w)
     rank_p, stage_p = out_of_fold(records, features, c, folds, seed)
     n = len(records.texts)
     chosen = records.correct[np.arange(n), rank_p.argmax(1)]
