@@ -117,7 +117,7 @@ def test_config_fit_checks_everything_before_any_model_loads(tmp_path, capsys, m
     for pipelines, match in (
         ("vote", "pipeline 'vote' (strategy 'vote') has nothing to fit; fittable pipelines: combine, fuse, route, rank, cascade, route2"),
         ("route,route2", "pipelines 'route' and 'route2' name one file"),
-        ("combine,nope", "'nope' not in"),
+        ("combine,nope", "'nope' is not a pipeline of config"),
         ("small", "pipeline 'small' (strategy 'single') has nothing to fit"),
         ("rank", "its scorer is fitted on short-answer items; the dataset holds multiple-choice items"),
     ):

@@ -197,7 +197,8 @@ def plan_fits(config_name: str, names: list[str], kind: str, output_dir: str | N
     fittable = [n for n, p in available.items() if fitted_file(p)]
     unknown = [n for n in names if n not in available]
     if not names or unknown:
-        said = f"{', '.join(map(repr, unknown))} not in {config_name}" if unknown else "--pipelines names the pipelines to fit"
+        said = (f"--pipelines: {', '.join(map(repr, unknown))} is not a pipeline of config {config_name!r}" if unknown
+                else "--pipelines names the pipelines to fit")  # fmt: skip
         raise ConfigError(f"{said}; fittable pipelines: {', '.join(fittable) or 'none'}")
     plans = {}
     for n in names:
