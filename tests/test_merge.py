@@ -932,7 +932,7 @@ def test_extract_lora_round_trip(lora_ckpts, tmp_path):
             base = load_file(lora_ckpts["tok_base"] / "model.safetensors")[name]
             s = torch.linalg.svdvals(target[name] - base)
             error = torch.linalg.matrix_norm(restored[name] - target[name])
-            assert error == pytest.approx(s[2:].square().sum().sqrt(), rel=1e-3)  # Eckart–Young: the tail singular values
+            assert error.item() == pytest.approx(s[2:].square().sum().sqrt().item(), rel=1e-3)  # Eckart–Young: the tail singular values
     with pytest.raises(ConfigError, match="base_model"):
         merge({"merge_method": "linear", "models": [{"model": str(lora_ckpts["tok_a"]), "parameters": {"weight": 1}}]}, tmp_path / "x", extract_lora=2, progress=False)
 
